@@ -1,0 +1,105 @@
+"""`tracer record`: turn prompts into cases and stream a recorded forward into a golden file."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import platform
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from tracer.errors import TracerError
+from tracer.models import LoadedModel, to_numpy, weights_of, weights_sha256
+from tracer.recorder import CaseInput, Recorder
+from tracer.stages import StageSelector, canonical_stages, stage_order
+from tracer.store import StageWriter
+
+PRODUCER = "gpt2-tracer"
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that can change the numbers, stored in every file."""
+    out = {"python": platform.python_version()}
+    for pkg in ("gpt2-tracer", "torch", "transformers", "numpy", "h5py"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def build_cases(loaded: LoadedModel, prompts: list[str], ids: list[list[int]], batch: bool) -> list[CaseInput]:
+    """One case per prompt / id list, or one right-padded batch case with `batch`."""
+    seqs: list[tuple[list[int], str | None]] = []
+    for text in prompts:
+        if not text:
+            raise TracerError("empty prompt: give at least one character")
+        seqs.append((loaded.encode(text), text))
+    seqs += [(list(x), None) for x in ids]
+    if not seqs:
+        raise TracerError("nothing to record: give --prompt, --prompts-file or --ids")
+    n_pos, vocab = loaded.config.n_positions, loaded.config.vocab_size
+    for k, (seq, text) in enumerate(seqs):
+        what = f"prompt {text!r}" if text is not None else f"ids #{k + 1}"
+        if not seq:
+            raise TracerError(f"{what} is empty")
+        if len(seq) > n_pos:
+            raise TracerError(f"{what} is {len(seq)} tokens; the model takes at most {n_pos} (n_positions)")
+        bad = [t for t in seq if not 0 <= t < vocab]
+        if bad:
+            raise TracerError(f"{what} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+    groups = [seqs] if batch else [[s] for s in seqs]
+    cases = []
+    for k, group in enumerate(groups):
+        T = max(len(s) for s, _ in group)
+        input_ids = np.zeros((len(group), T), dtype=np.int64)
+        mask = np.zeros((len(group), T), dtype=np.int8)
+        for b, (seq, _) in enumerate(group):
+            input_ids[b, : len(seq)] = seq
+            mask[b, : len(seq)] = 1
+        prompts_of = [t for _, t in group] if all(t is not None for _, t in group) else None
+        cases.append(CaseInput("batch" if batch else f"case{k}", input_ids, mask, prompts_of))
+    return cases
+
+
+def tf32_flags() -> dict[str, bool]:
+    return {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def record_golden(loaded: LoadedModel, cases: list[CaseInput], out: str, *, dtype: str, attn: str,
+                  selector: StageSelector = StageSelector(), with_weights: bool = True, force: bool = False,
+                  seed: int = 0, progress: Iterable | None = None) -> None:
+    """Record every case into `out` atomically. `progress` wraps the case iterator (rich bar)."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    selector.select(canonical_stages(model.config.n_layer))  # unknown glob: fail before any work
+    weights, ties = weights_of(model)
+    attrs = {
+        "producer": PRODUCER,
+        "model_source": loaded.source,
+        "model_config": json.loads(model.config.to_json_string(use_diff=False)),
+        "weights_sha256": weights_sha256(weights),
+        "versions": versions(),
+        "device": str(device),
+        "dtype": dtype,
+        "attn_implementation": attn,
+        "tf32": str(tf32_flags()),
+        "seed": seed,
+        "tokenizer": loaded.tokenizer_kind,
+    }
+    orders = stage_order(model.config.n_layer)
+    with StageWriter(out, "golden", attrs, force=force) as writer:
+        if with_weights:
+            writer.write_weights({k: to_numpy(v) for k, v in weights.items()}, ties)
+        for case in (progress(cases) if progress else cases):
+            writer.begin_case(case.name, case.input_ids, case.attention_mask, case.prompts)
+
+            def sink(stage: str, value: torch.Tensor, hf_module: str, _case=case.name) -> None:
+                writer.write_stage(_case, stage, to_numpy(value), orders[stage], hf_module)
+
+            with Recorder(model, sink, selector) as rec:
+                rec.run(torch.from_numpy(case.input_ids).to(device), torch.from_numpy(case.attention_mask).to(device))
+                for path, stage in rec.links().items():
+                    writer.link_module(case.name, path, stage)
