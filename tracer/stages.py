@@ -123,6 +123,7 @@ HF_SOURCES = {
     "transformer.h.{i}.mlp.c_fc": "blocks.{i}.mlp.fc",
     "transformer.h.{i}.mlp.act": "blocks.{i}.mlp.act",
     "transformer.h.{i}.mlp.c_proj": "blocks.{i}.mlp.out",
+    "transformer.h.{i}": "blocks.{i}.resid_post",
     "transformer.ln_f": "final.ln",
     "lm_head": "logits",
 }
@@ -132,7 +133,6 @@ HF_ALIASES = {
     "transformer.h.{i}.attn": "blocks.{i}.attn.out",
     "transformer.h.{i}.mlp.dropout": "blocks.{i}.mlp.out",
     "transformer.h.{i}.mlp": "blocks.{i}.mlp.out",
-    "transformer.h.{i}": "blocks.{i}.resid_post",
     "transformer": "final.ln",
 }
 

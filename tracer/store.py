@@ -203,6 +203,17 @@ class CaseView:
     def has(self, stage: str, group: str = "stages") -> bool:
         return group in self._group and stage in self._group[group]
 
+    @property
+    def has_inputs(self) -> bool:
+        return "input_ids" in self._group
+
+    def is_partial(self, stage: str) -> bool:
+        """A stage of which only some values are known (imported logs): NaN elsewhere, mask in /present."""
+        return "present" in self._group and stage in self._group["present"]
+
+    def present(self, stage: str) -> np.ndarray:
+        return self._group["present"][stage][()].astype(bool)
+
     def resolve(self, name: str) -> str:
         """A canonical stage name, or an HF module path (`transformer.h.0.ln_1`) mapped to its stage."""
         if self.has(name):
@@ -316,6 +327,9 @@ class StageFile:
 
     def case_names(self) -> list[str]:
         return list(self.h5["cases"].keys()) if "cases" in self.h5 else []
+
+    def has_case(self, name: str) -> bool:
+        return "cases" in self.h5 and name in self.h5["cases"]
 
     def case(self, name: str) -> CaseView:
         if name not in self.case_names():

@@ -1,0 +1,235 @@
+"""Per-stage reference: each canonical stage as a pure function of the stages it reads.
+
+The comparator uses it twice. Localization: evaluating stage s in float64 on the very
+inputs the candidate tapped gives what a correct stage would have produced from them, so
+the difference is the error introduced *at* s, whatever was inherited (SPEC §6 origin).
+Diagnosis: the functions take knobs (eps placement, variance, scale, mask shift...) so a
+hypothesis re-applies a suspected bug with the same code and measures the residual.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tracer.stages import resid_pre, split_stage, stage_inputs
+
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+@dataclass
+class ModelSpec:
+    """What the reference needs to know about the model, from the golden's config."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    eps: float
+    activation: str
+    scale_attn_weights: bool = True
+    scale_by_inverse_layer_idx: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelSpec:
+        return cls(
+            n_layer=int(config["n_layer"]), n_head=int(config["n_head"]), n_embd=int(config["n_embd"]),
+            eps=float(config.get("layer_norm_epsilon", 1e-5)),
+            activation=str(config.get("activation_function", "gelu_new")),
+            scale_attn_weights=bool(config.get("scale_attn_weights", True)),
+            scale_by_inverse_layer_idx=bool(config.get("scale_attn_by_inverse_layer_idx", False)),
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def attn_scale(self, layer: int) -> float:
+        scale = 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0
+        return scale / (layer + 1) if self.scale_by_inverse_layer_idx else scale
+
+
+# -- stage functions (knobs default to the correct GPT-2 behaviour) ------------------------
+def layer_norm(x, w, b, eps, *, unbiased=False, eps_outside=False, center=True, affine=True):
+    mean = x.mean(-1, keepdims=True) if center else 0.0
+    xc = x - mean
+    var = (xc * xc).sum(-1, keepdims=True) / (x.shape[-1] - (1 if unbiased else 0))
+    y = xc / (np.sqrt(var) + eps) if eps_outside else xc / np.sqrt(var + eps)
+    return y * w + b if affine else y
+
+
+def linear(x, w, b=None, *, transpose=False):
+    y = x @ (w.T if transpose else w)
+    return y + b if b is not None else y
+
+
+def split_heads(qkv, n_head, which: int, *, order=(0, 1, 2), dh_swapped=False):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    part = qkv[..., order[which] * C:(order[which] + 1) * C]
+    D = C // n_head
+    if dh_swapped:
+        return part.reshape(B, T, D, n_head).transpose(0, 3, 1, 2)
+    return part.reshape(B, T, n_head, D).transpose(0, 2, 1, 3)
+
+
+def allowed_mask(attention_mask: np.ndarray, shift: int = 0, causal: bool = True) -> np.ndarray:
+    """[B,1,T,T] bool: key s visible from query t (s <= t + shift, s not padding)."""
+    T = attention_mask.shape[-1]
+    base = np.tril(np.ones((T, T), dtype=bool), k=shift) if causal else np.ones((T, T), dtype=bool)
+    return base[None, None] & attention_mask.astype(bool)[:, None, None, :]
+
+
+def scores(q, k, scale, allowed, *, swap_qk=False):
+    s = (k @ np.swapaxes(q, -1, -2)) if swap_qk else (q @ np.swapaxes(k, -1, -2))
+    return np.where(allowed, s * scale, -np.inf)
+
+
+def softmax(s, axis=-1, *, subtract_max=True):
+    m = np.max(s, axis=axis, keepdims=True) if subtract_max else 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.exp(s - m)
+        return e / e.sum(axis=axis, keepdims=True)
+
+
+def merge_heads(a, *, dh_swapped=False):
+    B, H, T, D = a.shape
+    if dh_swapped:
+        return a.transpose(0, 2, 3, 1).reshape(B, T, H * D)
+    return a.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+def gelu(x, kind: str):
+    if kind in GELU_TANH:
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    if kind == "gelu":
+        return gelu_erf(x)
+    if kind == "relu":
+        return np.maximum(x, 0)
+    if kind == "quick_gelu":
+        return x / (1.0 + np.exp(-1.702 * x))
+    raise ValueError(f"unsupported activation {kind!r}")
+
+
+def gelu_erf(x):
+    """Exact GELU; erf from torch (a runtime dependency) since NumPy has none."""
+    import torch
+
+    return 0.5 * x * (1.0 + torch.erf(torch.from_numpy(np.asarray(x) / math.sqrt(2.0))).numpy())
+
+
+class Lookup(dict):
+    """Read-only mapping over a function name -> array, so `evaluate` can read inputs lazily."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.fn(name)
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self.fn(name)
+
+
+# -- evaluation of a canonical stage -------------------------------------------------------
+class Reference:
+    """Evaluates canonical stages from their input stages, weights and the case's inputs."""
+
+    def __init__(self, weights: dict[str, np.ndarray], config: dict, jitter: float = 0.0, seed: int = 0):
+        self.w = weights
+        self.spec = ModelSpec.from_config(config)
+        self.jitter = jitter
+        self._rng = np.random.default_rng(seed)
+
+    def jittered(self, unit: float) -> Reference:
+        """The same reference with every input and weight perturbed by ±`unit` relative (uniform):
+        a correct implementation that only knows its operands to that precision."""
+        clone = copy.copy(self)
+        clone.jitter, clone._rng = unit, np.random.default_rng(0)
+        return clone
+
+    def _cast(self, array: np.ndarray, dtype) -> np.ndarray:
+        a = np.asarray(array, dtype=dtype)
+        if self.jitter and a.dtype.kind == "f":
+            finite = np.isfinite(a)
+            noise = self._rng.uniform(-self.jitter, self.jitter, size=a.shape).astype(a.dtype)
+            a = np.where(finite, a * (1 + noise), a)
+        return a
+
+    def param(self, name: str, dtype) -> np.ndarray:
+        return self._cast(self.w[name], dtype)
+
+    def needs_weights(self, stage: str) -> bool:
+        return split_stage(stage)[1] in {"embed.tok", "embed.pos", "ln1", "attn.qkv", "attn.out", "ln2",
+                                         "mlp.fc", "mlp.out", "final.ln", "logits"}
+
+    def inputs_of(self, stage: str) -> tuple[str, ...]:
+        return stage_inputs(stage, self.spec.n_layer)
+
+    def evaluate(self, stage: str, x: dict[str, np.ndarray], ids: np.ndarray, mask: np.ndarray,
+                 dtype=np.float64, **knobs) -> np.ndarray:
+        """Stage `stage` computed in `dtype` from input stages `x` (keyed by canonical name)."""
+        i, local = split_stage(stage)
+        s = self.spec
+        p = lambda name: self.param(name, dtype)  # noqa: E731
+        get = lambda name: self._cast(x[name], dtype)  # noqa: E731
+        h = f"transformer.h.{i}"
+        T = ids.shape[1]
+        if local == "embed.tok":
+            return p("transformer.wte.weight")[ids + knobs.get("id_offset", 0)]
+        if local == "embed.pos":
+            pos = np.arange(T) + knobs.get("pos_offset", 0)
+            return p("transformer.wpe.weight")[pos][None]
+        if local == "embed.sum":
+            return get("embed.tok") * knobs.get("tok_scale", 1.0) + get("embed.pos") * knobs.get("pos_scale", 1.0)
+        if local in ("ln1", "ln2", "final.ln"):
+            src, prefix = {
+                "ln1": (resid_pre(i) if i is not None else "", f"{h}.ln_1"),
+                "ln2": (f"blocks.{i}.resid_mid", f"{h}.ln_2"),
+                "final.ln": (f"blocks.{s.n_layer - 1}.resid_post", "transformer.ln_f"),
+            }[local]
+            return layer_norm(get(src), p(f"{prefix}.weight"), p(f"{prefix}.bias"), knobs.get("eps", s.eps),
+                              unbiased=knobs.get("unbiased", False), eps_outside=knobs.get("eps_outside", False),
+                              center=knobs.get("center", True), affine=knobs.get("affine", True))
+        if local in ("attn.qkv", "attn.out", "mlp.fc", "mlp.out"):
+            src, prefix = {
+                "attn.qkv": (f"blocks.{i}.ln1", f"{h}.attn.c_attn"),
+                "attn.out": (f"blocks.{i}.attn.ctx", f"{h}.attn.c_proj"),
+                "mlp.fc": (f"blocks.{i}.ln2", f"{h}.mlp.c_fc"),
+                "mlp.out": (f"blocks.{i}.mlp.act", f"{h}.mlp.c_proj"),
+            }[local]
+            bias = None if knobs.get("drop_bias") else p(f"{prefix}.bias")
+            return linear(get(src), p(f"{prefix}.weight"), bias, transpose=knobs.get("transpose", False))
+        if local in ("attn.q", "attn.k", "attn.v"):
+            which = "qkv".index(local[-1])
+            return split_heads(get(f"blocks.{i}.attn.qkv"), s.n_head, which,
+                               order=knobs.get("order", (0, 1, 2)), dh_swapped=knobs.get("dh_swapped", False))
+        if local == "attn.scores":
+            allowed = allowed_mask(mask, knobs.get("mask_shift", 0), knobs.get("causal", True))
+            return scores(get(f"blocks.{i}.attn.q"), get(f"blocks.{i}.attn.k"),
+                          knobs.get("scale", s.attn_scale(i)), allowed, swap_qk=knobs.get("swap_qk", False))
+        if local == "attn.probs":
+            sc = get(f"blocks.{i}.attn.scores")
+            sc = np.where(allowed_mask(mask), sc, -np.inf)  # masked by position, whatever fill the port used
+            return softmax(sc, axis=knobs.get("axis", -1))
+        if local == "attn.ctx":
+            probs = get(f"blocks.{i}.attn.probs")
+            if knobs.get("transpose_probs"):
+                probs = np.swapaxes(probs, -1, -2)
+            return merge_heads(probs @ get(f"blocks.{i}.attn.v"), dh_swapped=knobs.get("dh_swapped", False))
+        if local == "resid_mid":
+            base = get(knobs["residual_from"]) if "residual_from" in knobs else get(resid_pre(i))
+            return base + get(f"blocks.{i}.attn.out")
+        if local == "mlp.act":
+            kind = knobs.get("activation", s.activation)
+            fc = get(f"blocks.{i}.mlp.fc")
+            return gelu(fc, kind)
+        if local == "resid_post":
+            base = get(knobs["residual_from"]) if "residual_from" in knobs else get(f"blocks.{i}.resid_mid")
+            return base + get(f"blocks.{i}.mlp.out")
+        if local == "logits":
+            return get("final.ln") @ p("transformer.wte.weight").T
+        raise KeyError(stage)

@@ -1,0 +1,146 @@
+"""Tolerances: how much error a correct implementation shows at each stage.
+
+Two checks per stage, both on the row error of `metrics.row_error`:
+
+* introduced (local) — the candidate's stage vs the float64 reference evaluated on the very
+  inputs the candidate tapped. A correct stage only adds its own rounding, whatever it
+  inherited, so this is depth-independent. Its tolerance is `margin × local noise`, the
+  noise measured on the spot: the same stage evaluated in float32 with inputs and weights
+  jittered by one rounding unit of the candidate's precision, output rounded to its
+  storage dtype (`noise_unit`), against float64.
+* chained — the candidate's stage vs the golden. A correct port drifts, and in peaked
+  attention the drift reaches several % in deep blocks. Under `auto` its tolerance is
+  `margin × drift of the oracle`, the NumPy fp32 backend replaying the same golden with
+  every stage rounded to the candidate's storage dtype. Under a preset it is the preset's
+  fixed number (which is why presets false-alarm on deep stages and `auto` is the default).
+
+Per-stage overrides come from a TOML file; see `Tolerances.from_toml`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tracer.errors import TracerError
+
+# Rounding unit of the arithmetic each precision stands for (tf32: fp32 storage, 10-bit mantissa matmuls).
+UNIT_ROUNDOFF = {"fp64": 2.0 ** -53, "fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+STORAGE = {"fp64": np.float64, "fp32": np.float32, "tf32": np.float32, "fp16": np.float16, "bf16": None}
+# Preset chained thresholds (row error vs golden) when no oracle can run: dtype-level numbers.
+PRESET_CHAINED = {"fp64": 1e-9, "fp32": 2e-4, "tf32": 2e-2, "fp16": 5e-2, "bf16": 2e-1}
+# Floors below which no check fails: a few units of the precision, for exactly-computable stages.
+FLOOR_LOCAL = {k: 8 * v for k, v in UNIT_ROUNDOFF.items()}
+DEFAULT_MARGIN_LOCAL = 32.0
+DEFAULT_MARGIN_CHAINED = 32.0
+PRESETS = tuple(UNIT_ROUNDOFF)
+
+
+def round_to(x: np.ndarray, precision: str) -> np.ndarray:
+    """Round float64 values to the storage dtype of `precision` (bf16 by mantissa truncation + rounding)."""
+    if precision == "bf16":
+        f = np.asarray(x, dtype=np.float32)
+        bits = f.view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+    return np.asarray(x).astype(STORAGE[precision]).astype(np.float64)
+
+
+def precision_of(dtype_name: str, array_dtype: np.dtype | None = None) -> str:
+    """Map a file's dtype attribute (or an array dtype) to a precision name."""
+    name = (dtype_name or "").lower().replace("float", "fp").replace("bfp16", "bf16")
+    aliases = {"fp32": "fp32", "fp64": "fp64", "fp16": "fp16", "bf16": "bf16", "tf32": "tf32", "half": "fp16",
+               "double": "fp64", "single": "fp32"}
+    if name in aliases:
+        return aliases[name]
+    if array_dtype is not None:
+        return {np.dtype(np.float64): "fp64", np.dtype(np.float16): "fp16"}.get(np.dtype(array_dtype), "fp32")
+    return "fp32"
+
+
+@dataclass
+class StageOverride:
+    pattern: str
+    chained: float | None = None
+    local: float | None = None
+
+
+@dataclass
+class Tolerances:
+    """The tolerance policy of one comparison. `mode` is 'auto' or a preset name."""
+
+    mode: str = "auto"
+    precision: str | None = None  # None: the candidate's own precision (auto)
+    margin_local: float = DEFAULT_MARGIN_LOCAL
+    margin_chained: float = DEFAULT_MARGIN_CHAINED
+    overrides: list[StageOverride] = field(default_factory=list)
+    source: str = "auto"
+
+    @classmethod
+    def parse(cls, spec: str | None) -> Tolerances:
+        """`auto` (default), a preset name, or a TOML file."""
+        if spec in (None, "", "auto"):
+            return cls()
+        if spec in PRESETS:
+            return cls(mode=spec, precision=spec, source=spec)
+        path = Path(spec)
+        if path.suffix == ".toml" or path.exists():
+            return cls.from_toml(path)
+        raise TracerError(f"unknown tolerance {spec!r}: use auto, one of {', '.join(PRESETS)}, or a .toml file")
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Tolerances:
+        """TOML: optional `preset = "auto"|"fp32"|...`, `margin_local`, `margin_chained`, and
+        `[stages."<glob>"]` tables with `chained` and/or `local` thresholds (row error)."""
+        if not path.is_file():
+            raise TracerError(f"tolerance file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise TracerError(f"{path}: invalid TOML: {exc}") from None
+        base = cls.parse(data.get("preset", "auto"))
+        base.source = str(path)
+        base.margin_local = float(data.get("margin_local", base.margin_local))
+        base.margin_chained = float(data.get("margin_chained", base.margin_chained))
+        for pattern, entry in (data.get("stages") or {}).items():
+            if not isinstance(entry, dict) or not set(entry) <= {"chained", "local"}:
+                raise TracerError(f"{path}: [stages.{pattern!r}] takes only 'chained' and 'local' numbers")
+            base.overrides.append(StageOverride(pattern, entry.get("chained"), entry.get("local")))
+        return base
+
+    def override_for(self, stage: str) -> StageOverride | None:
+        hit = None
+        for o in self.overrides:  # last matching table wins, as in most config files
+            if fnmatch.fnmatchcase(stage, o.pattern):
+                hit = o
+        return hit
+
+    def local_tolerance(self, stage: str, noise: float, precision: str) -> float:
+        o = self.override_for(stage)
+        if o is not None and o.local is not None:
+            return float(o.local)
+        return max(self.margin_local * noise, FLOOR_LOCAL[precision])
+
+    def chained_tolerance(self, stage: str, drift: float | None, precision: str, local_tol: float | None) -> float:
+        o = self.override_for(stage)
+        if o is not None and o.chained is not None:
+            return float(o.chained)
+        if self.mode == "auto" and drift is not None:
+            tol = self.margin_chained * drift
+        else:
+            tol = PRESET_CHAINED[precision]
+        return max(tol, local_tol or 0.0, FLOOR_LOCAL[precision])
+
+    def describe(self) -> str:
+        if self.mode == "auto":
+            text = (f"auto: introduced error ≤ {self.margin_local:g}× local noise; "
+                    f"chained error ≤ {self.margin_chained:g}× oracle drift")
+        else:
+            text = f"preset {self.mode}: chained ≤ {PRESET_CHAINED[self.mode]:g}; introduced ≤ {self.margin_local:g}× noise"
+        if self.overrides:
+            text += f"; {len(self.overrides)} per-stage override(s) from {self.source}"
+        return text
