@@ -98,6 +98,97 @@ def inspect(
 
 
 @app.command()
+def replay(
+    golden: Optional[Path] = typer.Argument(None, help="Golden file to replay (weights and inputs come from it)."),
+    backend: str = typer.Option("numpy", "--backend", "-b", help="Backend: numpy, cupy, triton, an entry-point "
+                                "name, package.module:Class, or exec:\"CMD {golden} {out}\"."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Trace file to write (.h5)."),
+    mode: str = typer.Option("chained", "--mode", help="chained (the candidate runs on its own numbers), isolated "
+                             "(each stage fed the golden inputs), or both."),
+    precision: str = typer.Option("fp32", "--precision", help="Backend precision: fp32, or fp64 (NumPy oracle)."),
+    inject: Optional[str] = typer.Option(None, "--inject", help="Inject a classic porting bug; 'list' shows the "
+                                         "catalog."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Replay a golden's inputs through a candidate backend and record its trace."""
+    from tracer.replay import replay_command
+
+    replay_command(golden, backend, output, mode, precision, inject, force, quiet, console)
+
+
+@app.command()
+def backends() -> None:
+    """List installed backends and whether each can run on this machine."""
+    from backends.registry import backends_command
+
+    backends_command(console)
+
+
+@app.command("import-log")
+def import_log(
+    log: Path = typer.Argument(..., help="Text log with seed-style lines: [AFTER_LN1] Layer 0, Token 0: [...]"),
+    golden: Path = typer.Option(..., "--golden", "-g", help="The golden the logged run corresponds to."),
+    map: Optional[Path] = typer.Option(None, "--map", help="TOML tag map (default: the shipped seed_tags.toml)."),
+    case: Optional[str] = typer.Option(None, "--case", help="Golden case the log belongs to (when it has several)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Trace file to write (.h5)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+) -> None:
+    """Turn a port's printed first-N-values log into a (partial) trace."""
+    from tracer.importlog import import_log_command
+
+    import_log_command(log, golden, map, case, output, force, quiet)
+
+
+@app.command("compare")
+def compare_cmd(
+    golden: Path = typer.Argument(..., help="Golden file."),
+    trace: Optional[Path] = typer.Argument(None, help="Trace: .h5, or a foreign .npz / .safetensors / directory "
+                                           "of .npy named by stage."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Replay this backend instead of reading "
+                                          "a TRACE."),
+    inject: Optional[str] = typer.Option(None, "--inject", help="With --backend: inject a catalog bug."),
+    precision: str = typer.Option("fp32", "--precision", help="With --backend: fp32 or fp64."),
+    mode: str = typer.Option("both", "--mode", help="With --backend: chained, isolated or both."),
+    tolerance: Optional[str] = typer.Option(None, "--tolerance", help="auto (default: from the measured noise), "
+                                            "a preset (fp64, fp32, tf32, fp16, bf16), or a TOML file."),
+    stage: Optional[str] = typer.Option(None, "--stage", "-s", help="Only stages matching these globs."),
+    token: Optional[int] = typer.Option(None, "--token", "-t", help="Also show the first-8 table at this token."),
+    case: Optional[str] = typer.Option(None, "--case", help="Only this case (and the case a foreign dump is)."),
+    name_map: Optional[Path] = typer.Option(None, "--name-map", help="TOML map of foreign names to stage names."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report."),
+    md_out: Optional[Path] = typer.Option(None, "--md", help="Write a Markdown report."),
+    junit_out: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per stage)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Fail on regression against this baseline."),
+    update_baseline: bool = typer.Option(False, "--update-baseline", help="Write the baseline from this run."),
+    log_format: bool = typer.Option(False, "--log-format", help="Also print seed-style log lines."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every stage, not runs of passing ones."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report (exit code and files only)."),
+) -> None:
+    """Compare a trace (or a backend's replay) with the golden: exit 0 pass, 1 divergence, 2 bad input."""
+    from tracer.compare.run import CompareRequest, compare_command
+
+    reports = {k: v for k, v in (("json", json_out), ("html", html_out), ("md", md_out), ("junit", junit_out)) if v}
+    req = CompareRequest(golden, trace, backend, inject, precision, mode, tolerance, stage, token, case, name_map,
+                         reports, baseline, update_baseline, log_format, verbose, quiet)
+    raise typer.Exit(compare_command(req, console))
+
+
+@app.command()
+def report(
+    result: Path = typer.Argument(..., help="Result JSON written by compare --json."),
+    fmt: str = typer.Option("terminal", "--format", help="terminal, html, md or junit."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (terminal prints)."),
+) -> None:
+    """Render a saved comparison result in another format."""
+    from tracer.reports import report_command
+
+    report_command(result, fmt, output, console)
+
+
+@app.command()
 def demo(
     out_dir: Path = typer.Option(Path("reports/demo"), "--out-dir", help="Where the demo writes its files."),
 ) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tracer.compare.align import align
 from tracer.compare.diagnose import StageEvidence, diagnose, hypothesis_inputs, scores_distance
 from tracer.compare.localize import describe_where, first8_tables, origin_of
 from tracer.compare.metrics import is_masked, row_error, stage_metrics, valid_mask
@@ -94,6 +95,8 @@ class _CaseComparison:
         if trace.has_inputs and not np.array_equal(trace.input_ids, self.ids):
             raise TracerError(f"case {golden.name!r}: the trace was run on other input ids than the golden")
         self.allowed = allowed_mask(self.mask)
+        low = precision not in ("fp32", "fp64")
+        self.noise_ref = ref.jittered(UNIT_ROUNDOFF[precision], weight_precision=precision if low else None)
         self.isolated = bool(trace.stages("isolated"))
         self.g_cache: dict[str, np.ndarray] = {}
         self.c_cache: dict[str, np.ndarray] = {}
@@ -116,8 +119,8 @@ class _CaseComparison:
         if name in self.c_cache:
             return self.c_cache[name]
         if self.t.has(name) and not self.t.is_partial(name):
-            value = self.t.read(name)
-            if value.shape == self.golden_value(name).shape:
+            value, _ = align(self.t.read(name), self.golden_value(name), layout_of(name))
+            if value is not None:
                 return value
         raise KeyError(name)
 
@@ -166,10 +169,8 @@ class _CaseComparison:
             res.status, res.note = "not-comparable", f"dtype {c.dtype} vs {g.dtype}: not floating point"
             return res
         if c.shape != g.shape:
-            if c.size == g.size:
-                c = c.reshape(g.shape)
-                res.note = f"candidate shape {list(res.candidate_shape)} reshaped to the golden's {list(g.shape)}"
-            else:
+            c, res.note = align(c, g, layout_of(stage))
+            if c is None:
                 res.status = "shape-mismatch"
                 res.note = f"candidate shape {res.candidate_shape} vs golden {list(g.shape)}"
                 return res
@@ -247,8 +248,7 @@ class _CaseComparison:
         inputs = Lookup(lookup)
         with np.errstate(all="ignore"):
             reference = self.ref.evaluate(stage, inputs, self.ids, self.mask, np.float64)
-            noisy = round_to(self.ref.jittered(UNIT_ROUNDOFF[self.precision]).evaluate(
-                stage, inputs, self.ids, self.mask, np.float32), self.precision)
+            noisy = round_to(self.noise_ref.evaluate(stage, inputs, self.ids, self.mask, np.float32), self.precision)
             valid_local = self.valid_for(stage, reference)
             if split_stage(stage)[1] == "attn.scores":
                 rows = self.rows_for(stage, reference)

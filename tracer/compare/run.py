@@ -1,0 +1,119 @@
+"""What `tracer compare` does, end to end: get a trace, compare, write reports, gate."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from rich.console import Console
+
+from tracer.compare.comparator import CompareOptions, compare
+from tracer.compare.result import CompareResult
+from tracer.compare.tolerance import Tolerances
+from tracer.errors import TracerError
+from tracer.progress import track
+from tracer.stages import StageSelector
+from tracer.store import Golden, StageFile
+
+
+@dataclass
+class CompareRequest:
+    golden: Path
+    trace: Path | None = None
+    backend: str | None = None
+    inject: str | None = None
+    precision: str = "fp32"
+    mode: str = "both"
+    tolerance: str | None = None
+    stage: str | None = None
+    token: int | None = None
+    case: str | None = None
+    name_map: Path | None = None
+    reports: dict[str, Path] = field(default_factory=dict)   # fmt -> path (json, html, md, junit)
+    baseline: Path | None = None
+    update_baseline: bool = False
+    log_format: bool = False
+    verbose: bool = False
+    quiet: bool = False
+
+
+def _replayed_trace(req: CompareRequest, workdir: Path) -> Path:
+    from backends.registry import resolve_backend
+    from tracer.replay import replay
+
+    backend = resolve_backend(req.backend, req.precision, req.inject)
+    out = workdir / "trace.h5"
+    replay(req.golden, backend, out, req.mode, progress=partial(track, description=f"replaying ({req.backend})",
+                                                                  quiet=req.quiet))
+    return out
+
+
+def run_compare(req: CompareRequest) -> CompareResult:
+    """Compare (replaying first with --backend), attach baseline regressions; no output."""
+    if (req.trace is None) == (req.backend is None):
+        raise TracerError("give either a TRACE file or --backend NAME (not both)")
+    if req.inject and not req.backend:
+        raise TracerError("--inject needs --backend (it is applied while replaying)")
+    tolerances = Tolerances.parse(req.tolerance)
+    selector = StageSelector.parse(req.stage)
+    workdir = Path(tempfile.mkdtemp(prefix="tracer-compare-"))
+    cleanup = lambda: None  # noqa: E731
+    try:
+        with Golden.open(req.golden) as golden:
+            if req.backend:
+                trace = StageFile.open(_replayed_trace(req, workdir))
+                cleanup = trace.close
+            elif req.trace is not None and _is_foreign(req.trace):
+                from tracer.foreign import open_trace_any
+
+                trace, cleanup = open_trace_any(req.trace, golden, case=req.case, name_map=req.name_map)
+            else:
+                trace = StageFile.open(req.trace)
+                cleanup = trace.close
+            options = CompareOptions(tolerances, selector, req.token, [req.case] if req.case else None)
+            result = compare(golden, trace, options,
+                             progress=partial(track, description="comparing", quiet=req.quiet))
+    finally:
+        cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if req.trace is None:
+        result.trace = f"{req.backend} replay" + (f" (inject {req.inject})" if req.inject else "")
+    if req.baseline is not None:
+        from tracer.gate import load_baseline, regressions, write_baseline
+
+        result.baseline = str(req.baseline)
+        if req.update_baseline:
+            write_baseline(result, req.baseline)
+        else:
+            result.regressions = regressions(result, load_baseline(req.baseline))
+    elif req.update_baseline:
+        raise TracerError("--update-baseline needs --baseline FILE")
+    return result
+
+
+def _is_foreign(path: Path) -> bool:
+    from tracer.foreign import is_foreign
+
+    return is_foreign(path)
+
+
+def compare_command(req: CompareRequest, console: Console) -> int:
+    """Run the comparison, print the terminal report, write the asked-for files; exit code."""
+    from tracer.reports import write_report
+
+    result = run_compare(req)
+    for fmt, path in req.reports.items():
+        write_report(result, fmt, path, console)
+    if not req.quiet:
+        from tracer.reports.terminal import render_terminal
+
+        render_terminal(result, console, stage_glob=req.stage, token=req.token, log_format=req.log_format,
+                        verbose=req.verbose)
+        for fmt, path in req.reports.items():
+            console.print(f"wrote {fmt} report -> {path}")
+        if req.update_baseline:
+            console.print(f"baseline updated -> {req.baseline}")
+    return result.exit_code
