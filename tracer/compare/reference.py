@@ -142,25 +142,33 @@ class Reference:
         self.w = weights
         self.spec = ModelSpec.from_config(config)
         self.jitter = jitter
+        self.weight_precision: str | None = None
         self._rng = np.random.default_rng(seed)
 
-    def jittered(self, unit: float) -> Reference:
-        """The same reference with every input and weight perturbed by ±`unit` relative (uniform):
-        a correct implementation that only knows its operands to that precision."""
+    def jittered(self, unit: float, weight_precision: str | None = None) -> Reference:
+        """The same reference with every input activation perturbed by ±`unit` relative (uniform)
+        and weights rounded to `weight_precision`: a correct implementation that knows its
+        activations only to its storage precision and computes with weights of that precision."""
         clone = copy.copy(self)
         clone.jitter, clone._rng = unit, np.random.default_rng(0)
+        clone.weight_precision = weight_precision
         return clone
 
     def _cast(self, array: np.ndarray, dtype) -> np.ndarray:
         a = np.asarray(array, dtype=dtype)
         if self.jitter and a.dtype.kind == "f":
-            finite = np.isfinite(a)
             noise = self._rng.uniform(-self.jitter, self.jitter, size=a.shape).astype(a.dtype)
-            a = np.where(finite, a * (1 + noise), a)
+            with np.errstate(invalid="ignore"):
+                a = np.where(np.isfinite(a), a * (1 + noise), a)
         return a
 
     def param(self, name: str, dtype) -> np.ndarray:
-        return self._cast(self.w[name], dtype)
+        w = self.w[name]
+        if self.weight_precision:
+            from tracer.compare.tolerance import round_to
+
+            w = round_to(w, self.weight_precision)
+        return np.asarray(w, dtype=dtype)
 
     def needs_weights(self, stage: str) -> bool:
         return split_stage(stage)[1] in {"embed.tok", "embed.pos", "ln1", "attn.qkv", "attn.out", "ln2",

@@ -69,7 +69,8 @@ def run_compare(req: CompareRequest) -> CompareResult:
             elif req.trace is not None and _is_foreign(req.trace):
                 from tracer.foreign import open_trace_any
 
-                trace, cleanup = open_trace_any(req.trace, golden, case=req.case, name_map=req.name_map)
+                trace, cleanup = open_trace_any(req.trace, golden, case=req.case, name_map=req.name_map,
+                                                warn=_warn)
             else:
                 trace = StageFile.open(req.trace)
                 cleanup = trace.close
@@ -92,6 +93,12 @@ def run_compare(req: CompareRequest) -> CompareResult:
     elif req.update_baseline:
         raise TracerError("--update-baseline needs --baseline FILE")
     return result
+
+
+def _warn(message: str) -> None:
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _is_foreign(path: Path) -> bool:

@@ -20,13 +20,17 @@ Per-stage overrides come from a TOML file; see `Tolerances.from_toml`.
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tracer.errors import TracerError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 # Rounding unit of the arithmetic each precision stands for (tf32: fp32 storage, 10-bit mantissa matmuls).
 UNIT_ROUNDOFF = {"fp64": 2.0 ** -53, "fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
