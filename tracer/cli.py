@@ -191,11 +191,13 @@ def report(
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("reports/demo"), "--out-dir", help="Where the demo writes its files."),
+    inject: str = typer.Option("mask-off-by-one", "--inject", help="The porting bug the demo injects "
+                               "(see tracer replay --inject list)."),
 ) -> None:
     """The whole flow on the embedded tiny model, offline, in seconds."""
     from tracer.demo import run_demo
 
-    run_demo(out_dir, console)
+    run_demo(out_dir, console, inject)
 
 
 def main() -> None:
