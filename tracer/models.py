@@ -108,7 +108,9 @@ def _looks_like_path(source: str) -> bool:
 
 def _load_pretrained(source: str | Path, attn: str, description: str) -> LoadedModel:
     from transformers import AutoConfig, GPT2LMHeadModel
+    from transformers.utils.logging import disable_progress_bar
 
+    disable_progress_bar()  # its "Loading weights" bar would precede any error line the CLI prints
     path = Path(source).expanduser()
     if _looks_like_path(str(source)) and not path.is_dir():
         raise TracerError(f"model directory {source} does not exist")
