@@ -98,6 +98,8 @@ class _CaseComparison:
         low = precision not in ("fp32", "fp64")
         self.noise_ref = ref.jittered(UNIT_ROUNDOFF[precision], weight_precision=precision if low else None)
         self.isolated = bool(trace.stages("isolated"))
+        # An isolated-only trace has no chained values: its teacher-forced values stand in for them.
+        self.group = "stages" if trace.stages("stages") or not self.isolated else "isolated"
         self.g_cache: dict[str, np.ndarray] = {}
         self.c_cache: dict[str, np.ndarray] = {}
 
@@ -118,8 +120,8 @@ class _CaseComparison:
         """The value the candidate tapped for an input stage (golden where it tapped none)."""
         if name in self.c_cache:
             return self.c_cache[name]
-        if self.t.has(name) and not self.t.is_partial(name):
-            value, _ = align(self.t.read(name), self.golden_value(name), layout_of(name))
+        if self.t.has(name, self.group) and not self.t.is_partial(name):
+            value, _ = align(self.t.read(name, self.group), self.golden_value(name), layout_of(name))
             if value is not None:
                 return value
         raise KeyError(name)
@@ -160,10 +162,10 @@ class _CaseComparison:
     def compare_stage(self, stage: str, order: int, drift: dict[str, float] | None) -> StageResult:
         g = self.golden_value(stage)
         res = StageResult(stage=stage, order=order, status="pass", shape=list(g.shape), dtype=str(g.dtype))
-        if not self.t.has(stage):
+        if not self.t.has(stage, self.group):
             res.status = "missing"
             return res
-        c = self.t.read(stage)
+        c = self.t.read(stage, self.group)
         res.candidate_shape = list(c.shape)
         if c.dtype.kind not in "fc" or g.dtype.kind not in "fc":
             res.status, res.note = "not-comparable", f"dtype {c.dtype} vs {g.dtype}: not floating point"
@@ -224,8 +226,8 @@ class _CaseComparison:
             return c, 0, None
         probs_name = stage.replace("attn.scores", "attn.probs")
         unmasked_where_golden_masks = differs & is_masked(g)
-        if not (differs & ~is_masked(g)).any() and self.t.has(probs_name):
-            p = self.t.read(probs_name)
+        if not (differs & ~is_masked(g)).any() and self.t.has(probs_name, self.group):
+            p = self.t.read(probs_name, self.group)
             if p.shape == g.shape and np.all(np.abs(p[unmasked_where_golden_masks]) <= 1e-6):
                 return np.where(is_masked(g), -np.inf, c), 0, "scores tapped before masking; the candidate's probs " \
                     "are 0 at every masked position, so its mask is applied inside softmax"
