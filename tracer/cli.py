@@ -67,9 +67,10 @@ def record(
         if not prompts_file.is_file():
             raise TracerError(f"prompts file {prompts_file} does not exist")
         texts += [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    id_lists = [parse_ids(x) for x in ids]  # fail on bad ids before loading a model
     source = f"{RANDOM_PREFIX}{random}" if random else model
     loaded = load_model(source, dtype=dtype, device=device, attn=attn, seed=seed)
-    cases = build_cases(loaded, texts, [parse_ids(x) for x in ids], batch)
+    cases = build_cases(loaded, texts, id_lists, batch)
     record_golden(loaded, cases, str(output), dtype=dtype, attn=attn, selector=StageSelector.parse(stages),
                   with_weights=not no_weights, force=force, seed=seed,
                   progress=partial(track, description="recording", quiet=quiet))
@@ -221,6 +222,9 @@ def main() -> None:
             exc.show()
             sys.exit(2)
         raise
+    if rc == 130:  # typer maps Ctrl-C to 130 before our handler sees it
+        err_console.print("[bold red]interrupted[/]: nothing was written", highlight=False)
+        sys.exit(2)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -76,8 +76,13 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
         node = tree.add(f"[bold cyan]{case['case']}[/] input_ids {case['input_ids_shape']}{prompts} · "
                         f"{len(case['stages'])} stages · {case['modules']} HF module links")
         table = Table(box=None, pad_edge=False, show_edge=False)
-        for col in ("stage", "shape", "dtype", "min", "max", "mean", "std", f"first 8 @ token {case['stages'][0]['token'] if case['stages'] else 0}"):
-            table.add_column(col, no_wrap=col != "first 8")
+        token = case["stages"][0]["token"] if case["stages"] else 0
+        table.add_column("stage", no_wrap=True, min_width=20)
+        table.add_column("shape", no_wrap=True, min_width=9)
+        table.add_column("dtype", no_wrap=True)
+        for col in ("min", "max", "mean", "std"):
+            table.add_column(col, no_wrap=True, justify="right")
+        table.add_column(f"first 8 @ token {token}", overflow="fold", min_width=16)
         block = None
         for s in case["stages"]:
             b = split_stage(s["stage"])[0]

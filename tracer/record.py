@@ -42,7 +42,7 @@ def build_cases(loaded: LoadedModel, prompts: list[str], ids: list[list[int]], b
         raise TracerError("nothing to record: give --prompt, --prompts-file or --ids")
     n_pos, vocab = loaded.config.n_positions, loaded.config.vocab_size
     for k, (seq, text) in enumerate(seqs):
-        what = f"prompt {text!r}" if text is not None else f"ids #{k + 1}"
+        what = f"prompt {_short(text)!r}" if text is not None else f"ids #{k + 1}"
         if not seq:
             raise TracerError(f"{what} is empty")
         if len(seq) > n_pos:
@@ -62,6 +62,10 @@ def build_cases(loaded: LoadedModel, prompts: list[str], ids: list[list[int]], b
         prompts_of = [t for _, t in group] if all(t is not None for _, t in group) else None
         cases.append(CaseInput("batch" if batch else f"case{k}", input_ids, mask, prompts_of))
     return cases
+
+
+def _short(text: str, n: int = 24) -> str:
+    return text if len(text) <= n else text[:n] + "…"
 
 
 def tf32_flags() -> dict[str, bool]:

@@ -13,6 +13,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,10 +80,28 @@ class StageWriter:
             self._h5 = h5py.File(self.tmp, "w")
         except OSError as exc:
             raise TracerError(f"cannot write {self.path}: {exc}") from None
+        self._interrupted = False
+        self._old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            # A SIGINT landing inside h5py's cleanup callbacks is swallowed there; note it and
+            # raise it at the next write instead, so Ctrl-C always discards the file.
+            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         return self
+
+    def _on_sigint(self, signum, frame) -> None:
+        self._interrupted = True
+
+    def _check_interrupt(self) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._h5 is not None
+        if self._old_handler is not None:
+            signal.signal(signal.SIGINT, self._old_handler)
+        if exc_type is None and self._interrupted:
+            self._discard()
+            raise KeyboardInterrupt
         try:
             if exc_type is None:
                 self._finish_attrs()
@@ -128,6 +148,7 @@ class StageWriter:
 
     # -- content ---------------------------------------------------------------------------
     def _dataset(self, group: str, name: str, array: np.ndarray) -> h5py.Dataset:
+        self._check_interrupt()
         ds = self._h5.require_group(group).create_dataset(name, data=array)
         ds.attrs["xxh3"] = content_hash(array)
         return ds
