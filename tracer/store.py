@@ -77,7 +77,7 @@ class StageWriter:
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> StageWriter:
         try:
-            self._h5 = h5py.File(self.tmp, "w")
+            self._h5 = h5py.File(self.tmp, "w", track_order=True)  # cases keep their recording order
         except OSError as exc:
             raise TracerError(f"cannot write {self.path}: {exc}") from None
         self._interrupted = False

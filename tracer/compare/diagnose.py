@@ -92,7 +92,9 @@ def hypotheses_for(stage: str, ref: Reference) -> list[Hypothesis]:
         rules = [Hypothesis("qkv.split-order", f"{local} taken from the {'qkv'[j]} slice of c_attn (split order)",
                             {"order": tuple(j if n == which else n for n in range(3))}) for j in range(3) if j != which]
         return rules + [Hypothesis("heads.split-layout", "heads split as [T, D, H] instead of [T, H, D]",
-                                   {"dh_swapped": True})]
+                                   {"dh_swapped": True}),
+                        Hypothesis("qkv.interleaved", "fused qkv read per head as [H, 3, D] (interleaved) instead of "
+                                   "GPT-2's [3, H, D]", {"interleaved": True})]
     if local == "attn.scores":
         return [
             Hypothesis("scores.no-scale", f"missing 1/√D scaling (√D = {math.sqrt(D):g})", {"scale": 1.0}),

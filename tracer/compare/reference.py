@@ -65,11 +65,13 @@ def linear(x, w, b=None, *, transpose=False):
     return y + b if b is not None else y
 
 
-def split_heads(qkv, n_head, which: int, *, order=(0, 1, 2), dh_swapped=False):
+def split_heads(qkv, n_head, which: int, *, order=(0, 1, 2), dh_swapped=False, interleaved=False):
     B, T, C3 = qkv.shape
     C = C3 // 3
-    part = qkv[..., order[which] * C:(order[which] + 1) * C]
     D = C // n_head
+    if interleaved:  # Megatron-style fused layout [H, 3, D]
+        return qkv.reshape(B, T, n_head, 3, D)[:, :, :, order[which], :].transpose(0, 2, 1, 3)
+    part = qkv[..., order[which] * C:(order[which] + 1) * C]
     if dh_swapped:
         return part.reshape(B, T, D, n_head).transpose(0, 3, 1, 2)
     return part.reshape(B, T, n_head, D).transpose(0, 2, 1, 3)
@@ -214,7 +216,8 @@ class Reference:
         if local in ("attn.q", "attn.k", "attn.v"):
             which = "qkv".index(local[-1])
             return split_heads(get(f"blocks.{i}.attn.qkv"), s.n_head, which,
-                               order=knobs.get("order", (0, 1, 2)), dh_swapped=knobs.get("dh_swapped", False))
+                               order=knobs.get("order", (0, 1, 2)), dh_swapped=knobs.get("dh_swapped", False),
+                               interleaved=knobs.get("interleaved", False))
         if local == "attn.scores":
             allowed = allowed_mask(mask, knobs.get("mask_shift", 0), knobs.get("causal", True))
             return scores(get(f"blocks.{i}.attn.q"), get(f"blocks.{i}.attn.k"),

@@ -116,23 +116,25 @@ class Tolerances:
             base.overrides.append(StageOverride(pattern, entry.get("chained"), entry.get("local")))
         return base
 
-    def override_for(self, stage: str) -> StageOverride | None:
+    def override_for(self, stage: str, key: str) -> float | None:
+        """The `key` ('chained' or 'local') threshold for `stage`: the last matching table that sets it."""
         hit = None
-        for o in self.overrides:  # last matching table wins, as in most config files
-            if fnmatch.fnmatchcase(stage, o.pattern):
-                hit = o
+        for o in self.overrides:
+            value = getattr(o, key)
+            if value is not None and fnmatch.fnmatchcase(stage, o.pattern):
+                hit = float(value)
         return hit
 
     def local_tolerance(self, stage: str, noise: float, precision: str) -> float:
-        o = self.override_for(stage)
-        if o is not None and o.local is not None:
-            return float(o.local)
+        override = self.override_for(stage, "local")
+        if override is not None:
+            return override
         return max(self.margin_local * noise, FLOOR_LOCAL[precision])
 
     def chained_tolerance(self, stage: str, drift: float | None, precision: str, local_tol: float | None) -> float:
-        o = self.override_for(stage)
-        if o is not None and o.chained is not None:
-            return float(o.chained)
+        override = self.override_for(stage, "chained")
+        if override is not None:
+            return override
         if self.mode == "auto" and drift is not None:
             tol = self.margin_chained * drift
         else:

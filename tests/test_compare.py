@@ -1,0 +1,162 @@
+"""The comparator on real traces: correct independent ports pass, every catalog bug is found at
+its stage and, where a rule exists, diagnosed; bad input is exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backends.inject import CATALOG
+from backends.numpy_backend import NumpyBackend
+from tests.ports.naive_port import NaivePort
+from tests.ports.torch_port import TorchPort
+from tracer.compare.comparator import CompareOptions, compare
+from tracer.compare.result import CompareResult
+from tracer.compare.tolerance import Tolerances
+from tracer.errors import TracerError
+from tracer.record import build_cases, record_golden
+from tracer.replay import replay
+from tracer.store import StageFile
+
+# The diagnosis rule a catalog bug should be recognised by (None: no rule claims it).
+EXPECTED_RULE = {
+    "embed-scale": "generic.scale",
+    "position-offset": "pos.offset",
+    "skip-wpe": "embed.no-pos",
+    "ln-unbiased-var": "ln.unbiased-variance",
+    "ln-eps": "ln.eps-outside-sqrt",
+    "qkv-interleaved": "qkv.interleaved",
+    "no-attn-scale": "scores.no-scale",
+    "attn-scale-by-d": "scores.scale-1/D",
+    "qk-swapped": "scores.qk-swapped",
+    "mask-off-by-one": "mask.off-by-one",
+    "no-causal-mask": "mask.missing",
+    "softmax-no-max-subtraction": "softmax.no-max-subtraction",
+    "heads-merged-wrong": "heads.merge-layout",
+    "c-proj-untransposed": "linear.untransposed",
+    "residual-from-normalized": "resid.from-normalized",
+    "drop-fc-bias": "linear.no-bias",
+    "gelu-erf": "gelu.erf",
+    "mlp-residual-dropped": "resid.missing",
+    "skip-ln-f": "ln.skipped",
+}
+
+
+def run(golden: Path, backend, tmp_path: Path, mode: str = "chained", tolerance: str | None = None) -> CompareResult:
+    trace = tmp_path / f"{backend.name}-{backend.inject or 'clean'}-{mode}.h5"
+    replay(golden, backend, trace, mode=mode, force=True)
+    with StageFile.open(golden) as g, StageFile.open(trace) as t:
+        return compare(g, t, CompareOptions(Tolerances.parse(tolerance)))
+
+
+def test_catalog_has_an_expectation_for_every_bug():
+    assert set(EXPECTED_RULE) == set(CATALOG)
+
+
+@pytest.mark.parametrize("port", [lambda: NumpyBackend("fp32"), lambda: NumpyBackend("fp64"), TorchPort, NaivePort],
+                         ids=["numpy-fp32", "numpy-fp64", "torch-port", "naive-port"])
+@pytest.mark.parametrize("golden_name", ["tiny_golden", "gpt2_shape_golden"])
+def test_correct_independent_ports_pass(port, golden_name, request, tmp_path):
+    result = run(request.getfixturevalue(golden_name), port(), tmp_path)
+    failing = [(c.case, s.stage, s.error, s.tolerance, s.local_error, s.local_tolerance)
+               for c in result.cases for s in c.stages if s.failed]
+    assert result.passed, failing
+    assert result.exit_code == 0
+    assert all(s.local_error is not None for c in result.cases for s in c.stages), "every stage re-evaluated"
+
+
+def test_plain_allclose_would_flag_the_correct_naive_port(gpt2_shape_golden, tmp_path):
+    """The bar of SPEC §2: a fixed allclose(1e-5, 1e-5) rejects a correct port that auto passes."""
+    trace = tmp_path / "naive.h5"
+    replay(gpt2_shape_golden, NaivePort(), trace, force=True)
+    with StageFile.open(gpt2_shape_golden) as g, StageFile.open(trace) as t:
+        case, tcase = g.case("case0"), t.case("case0")
+        flagged = []
+        for stage in case.stages():
+            a, b = case.read(stage), tcase.read(stage)
+            finite = np.isfinite(a)
+            if not np.allclose(b[finite], a[finite], rtol=1e-5, atol=1e-5):
+                flagged.append(stage)
+    assert flagged, "plain allclose passes everything: the test model is too easy to mean anything"
+
+
+def test_sdpa_golden_against_eager_golden_passes(tiny_loader, tmp_path):
+    goldens = {}
+    for attn in ("eager", "sdpa"):
+        loaded = tiny_loader(attn=attn)
+        goldens[attn] = tmp_path / f"{attn}.h5"
+        record_golden(loaded, build_cases(loaded, ["Hello, world", "attention"], [], batch=True),
+                      str(goldens[attn]), dtype="fp32", attn=attn)
+    with StageFile.open(goldens["eager"]) as g, StageFile.open(goldens["sdpa"]) as t:
+        result = compare(g, t, CompareOptions(Tolerances()))
+    assert result.passed, [s.stage for c in result.cases for s in c.stages if s.failed]
+
+
+@pytest.mark.parametrize("bug", sorted(CATALOG))
+@pytest.mark.parametrize("golden_name,mode", [("tiny_golden", "both"), ("gpt2_shape_golden", "chained")])
+def test_catalog_bug_found_at_its_stage_and_diagnosed(bug, golden_name, mode, request, tmp_path):
+    result = run(request.getfixturevalue(golden_name), NumpyBackend("fp32", inject=bug), tmp_path, mode)
+    assert result.exit_code == 1
+    expected_origin = CATALOG[bug].origin
+    case = next(c for c in result.cases if c.first_divergence)
+    assert case.origin == expected_origin, case.origin_reasoning
+    assert result.origin == {"case": case.case, "stage": expected_origin}
+    origin = case.stage(expected_origin)
+    assert origin.fails_local
+    rules = [d.rule for d in origin.diagnoses]
+    if bug == "softmax-no-max-subtraction" and origin.metrics.first_nonfinite is None:
+        pytest.skip("no score is large enough to overflow fp16 on this input")
+    assert EXPECTED_RULE[bug] in rules, (rules, [d.evidence for d in origin.diagnoses])
+
+
+def test_diagnosis_evidence_shows_error_before_and_after(tiny_golden, tmp_path):
+    result = run(tiny_golden, NumpyBackend("fp32", inject="no-attn-scale"), tmp_path)
+    d = result.cases[0].stage("blocks.0.attn.scores").diagnoses[0]
+    assert d.verdict == "confirmed" and d.rule == "scores.no-scale"
+    assert d.after < 1e-4 < d.before
+    assert "→" in d.evidence
+
+
+def test_stages_after_the_origin_are_reported_as_inherited(tiny_golden, tmp_path):
+    result = run(tiny_golden, NumpyBackend("fp32", inject="gelu-erf"), tmp_path)
+    case = result.cases[0]
+    later = case.stage("blocks.0.mlp.out")
+    assert not later.fails_local, "mlp.out only inherits the GELU error"
+    assert later.amplification is not None and later.amplification > 10
+
+
+def test_tolerance_override_file(tiny_golden, tmp_path):
+    bug = run(tiny_golden, NumpyBackend("fp32", inject="gelu-erf"), tmp_path)
+    assert not bug.passed
+    toml = tmp_path / "tol.toml"
+    toml.write_text('[stages."blocks.*.mlp.act"]\nlocal = 1.0\n[stages."*"]\nchained = 10.0\n')
+    loose = run(tiny_golden, NumpyBackend("fp32", inject="gelu-erf"), tmp_path, tolerance=str(toml))
+    assert loose.passed
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[stages\n")
+    with pytest.raises(TracerError, match="invalid TOML"):
+        Tolerances.parse(str(bad))
+    with pytest.raises(TracerError, match="unknown tolerance"):
+        Tolerances.parse("fp33")
+
+
+def test_trace_from_another_golden_is_refused(tiny_golden, tiny_loaded, tmp_path):
+    other = tmp_path / "other.h5"
+    record_golden(tiny_loaded, build_cases(tiny_loaded, ["different prompt"], [], batch=False), str(other),
+                  dtype="fp32", attn="eager")
+    trace = tmp_path / "t.h5"
+    replay(other, NumpyBackend("fp32"), trace)
+    with StageFile.open(tiny_golden) as g, StageFile.open(trace) as t:
+        with pytest.raises(TracerError, match="another golden"):
+            compare(g, t, CompareOptions(Tolerances()))
+
+
+def test_json_roundtrip_keeps_the_verdict(tiny_golden, tmp_path):
+    result = run(tiny_golden, NumpyBackend("fp32", inject="skip-ln-f"), tmp_path)
+    path = tmp_path / "r.json"
+    result.to_json(path)
+    back = CompareResult.load(path)
+    assert back.to_dict() == result.to_dict()
+    assert back.origin == {"case": "case0", "stage": "final.ln"}
