@@ -10,29 +10,16 @@ one-off cost per golden, independent of T, so they are timed once on their own l
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.common import median_time
 from tracer.models import LoadedModel, load_model, to_numpy, weights_of
 from tracer.record import build_cases, record_golden
 from tracer.store import StageWriter
-
-
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_seq(loaded: LoadedModel, T: int, repeats: int, workdir: Path) -> dict[str, float]:
