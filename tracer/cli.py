@@ -180,7 +180,7 @@ def compare_cmd(
 @app.command()
 def report(
     result: Path = typer.Argument(..., help="Result JSON written by compare --json."),
-    fmt: str = typer.Option("terminal", "--format", help="terminal, html, md or junit."),
+    fmt: str = typer.Option("terminal", "--format", help="terminal, html, md, junit or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (terminal prints)."),
 ) -> None:
     """Render a saved comparison result in another format."""

@@ -122,7 +122,7 @@ class _CaseComparison:
             return self.c_cache[name]
         if self.t.has(name, self.group) and not self.t.is_partial(name):
             value, _ = align(self.t.read(name, self.group), self.golden_value(name), layout_of(name))
-            if value is not None:
+            if value is not None and value.dtype.kind == "f":
                 return value
         raise KeyError(name)
 

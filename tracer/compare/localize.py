@@ -161,7 +161,8 @@ def first8_tables(stage: str, g: np.ndarray, c: np.ndarray, valid: np.ndarray, p
             d = cs - gs
             both_masked = np.isneginf(gs) & np.isneginf(cs)
             d = np.where(both_masked, 0.0, d)
-            out = ~(np.abs(d) <= tolerance * np.maximum(np.abs(gs), rms))
+            scale = np.where(np.isfinite(gs), np.maximum(np.abs(gs), rms), rms)
+            out = ~(np.abs(d) <= tolerance * scale)
         tables.append(First8(token=t, batch=b, head=h, golden=gs.tolist(), candidate=cs.tolist(),
                              diff=d.tolist(), out_of_tolerance=(out & ~both_masked).tolist()))
     return tables
