@@ -155,7 +155,7 @@ class _CaseComparison:
         return last
 
     def _drift(self) -> dict[str, float] | None:
-        if self.options.tolerances.mode != "auto" or self.weights is None:
+        if self.weights is None:
             return None
         return oracle_drift(self.g, self.weights, self.config, self.precision, self.valid_for)
 

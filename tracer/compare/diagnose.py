@@ -291,12 +291,13 @@ def _overflow(ev: StageEvidence, nonfinite: np.ndarray) -> list[Diagnosis]:
     if split_stage(ev.stage)[1] == "attn.probs":
         i = split_stage(ev.stage)[0]
         sc = np.asarray(ev.inputs(f"blocks.{i}.attn.scores"), dtype=np.float64)
-        rows_bad = nonfinite.any(-1)
+        real_rows = np.broadcast_to(ev.rows, nonfinite.shape).any(-1)
+        rows_bad = nonfinite.any(-1) & real_rows
         for dtype, limit in ((np.float16, 11.09), (np.float32, 88.72)):
             with np.errstate(all="ignore"):
                 hyp = softmax(sc.astype(dtype), subtract_max=False)
-            hyp_bad = ~np.isfinite(hyp).all(-1) & np.broadcast_to(ev.rows, rows_bad.shape)
-            if rows_bad.any() and np.array_equal(hyp_bad, rows_bad & np.broadcast_to(ev.rows, rows_bad.shape)):
+            hyp_bad = ~np.isfinite(hyp).all(-1) & real_rows
+            if rows_bad.any() and np.array_equal(hyp_bad, rows_bad):
                 top = float(np.max(np.where(np.isfinite(sc), sc, -np.inf)))
                 out.insert(0, Diagnosis(
                     "softmax.no-max-subtraction", f"softmax without subtracting the row max: exp overflows "
