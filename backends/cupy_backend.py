@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.inject import validate_injection
-from backends.numpy_backend import TANH_GELUS, BlockWeights, Weights, load_weights
+from backends.numpy_backend import BlockWeights, Weights, load_weights
 from backends.protocol import Backend, Tap
 from tracer.errors import TracerError
 
@@ -240,25 +239,15 @@ class Kernels:
         return probs
 
 
-def _check_config(config: dict) -> None:
-    act = config.get("activation_function", "gelu_new")
-    if act not in TANH_GELUS:
-        raise TracerError(f"cupy backend implements GPT-2's tanh GELU, not activation_function={act!r}")
-    if config.get("scale_attn_by_inverse_layer_idx") or not config.get("scale_attn_weights", True):
-        raise TracerError("cupy backend implements GPT-2's 1/sqrt(D) attention scaling only")
-
-
 # -- the backend -------------------------------------------------------------------------------
 class CupyBackend(Backend):
     """GPT-2 on CUDA through CuPy: `fp32` (default) or `fp16` (fp16 storage, fp32 arithmetic)."""
 
     name = "cupy"
+    precisions = tuple(PRECISIONS)
     supported_injections = frozenset(KNOBS)
 
     def __init__(self, precision: str = "fp32", inject: str | None = None):
-        if precision not in PRECISIONS:
-            raise TracerError(f"cupy backend: unknown precision {precision!r} (fp32 or fp16)")
-        validate_injection(inject, type(self))
         super().__init__(precision, inject)
         self.dtype = PRECISIONS[precision]
         self.knobs = knobs_for(inject)
@@ -282,7 +271,7 @@ class CupyBackend(Backend):
     def prepare(self, weights: dict[str, np.ndarray], config: dict) -> None:
         import cupy as cp
 
-        _check_config(config)
+        self.check_gpt2_config(config)
         if self.precision == "fp32" and os.environ.get("CUPY_TF32", "0") != "0":
             raise TracerError("CUPY_TF32 is set: cuBLAS would run the fp32 matmuls in TF32; unset it")
         self.cp = cp

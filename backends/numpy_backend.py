@@ -18,12 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from backends.inject import validate_injection
 from backends.protocol import Backend, Tap
 from tracer.errors import TracerError
 
 PRECISIONS = {"fp32": np.float32, "fp64": np.float64}
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # HF names of the tanh-approximation GELU
 
 
 # -- weights --------------------------------------------------------------------------------
@@ -321,22 +319,16 @@ class NumpyBackend(Backend):
     """GPT-2 in NumPy: `fp32` (a correct independent port) or `fp64` (the noise-floor oracle)."""
 
     name = "numpy"
+    precisions = tuple(PRECISIONS)
     supported_injections = frozenset(VARIANTS)
 
     def __init__(self, precision: str = "fp32", inject: str | None = None):
-        if precision not in PRECISIONS:
-            raise TracerError(f"numpy backend: unknown precision {precision!r} (fp32 or fp64)")
-        validate_injection(inject, type(self))
         super().__init__(precision, inject)
         self.dtype = PRECISIONS[precision]
         self.ops = ops_for(inject)
 
     def prepare(self, weights: dict[str, np.ndarray], config: dict) -> None:
-        act = config.get("activation_function", "gelu_new")
-        if act not in TANH_GELUS:
-            raise TracerError(f"numpy backend implements GPT-2's tanh GELU, not activation_function={act!r}")
-        if config.get("scale_attn_by_inverse_layer_idx") or not config.get("scale_attn_weights", True):
-            raise TracerError("numpy backend implements GPT-2's 1/sqrt(D) attention scaling only")
+        self.check_gpt2_config(config)
         self.n_head = int(config["n_head"])
         self.eps = float(config.get("layer_norm_epsilon", 1e-5))
         self.w = load_weights(weights, int(config["n_layer"]), self.dtype)

@@ -13,6 +13,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tracer.errors import TracerError
+
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # HF names of the tanh-approximation GELU
+
 
 @runtime_checkable
 class Tap(Protocol):
@@ -28,10 +32,18 @@ class Backend:
     """
 
     name: str = "backend"
+    # Precisions the backend accepts; None accepts any (plugins that ignore the option).
+    precisions: tuple[str, ...] | None = None
     # Fault-injection bugs this backend implements (names from backends.inject.CATALOG).
     supported_injections: frozenset[str] = frozenset()
 
     def __init__(self, precision: str = "fp32", inject: str | None = None):
+        if self.precisions is not None and precision not in self.precisions:
+            raise TracerError(f"{self.name} backend: unknown precision {precision!r} ({', '.join(self.precisions)})")
+        if inject is not None:
+            from backends.inject import validate_injection
+
+            validate_injection(inject, type(self))
         self.precision = precision
         self.inject = inject
 
@@ -46,6 +58,14 @@ class Backend:
     def forward(self, input_ids: np.ndarray, tap: Tap, attention_mask: np.ndarray | None = None) -> Any:
         """Logits [B,T,V] for right-padded `input_ids` [B,T] (mask 1 = real token)."""
         raise NotImplementedError
+
+    def check_gpt2_config(self, config: dict) -> None:
+        """Refuse configs outside what the built-in ports implement (tanh GELU, 1/√D scaling)."""
+        act = config.get("activation_function", "gelu_new")
+        if act not in TANH_GELUS:
+            raise TracerError(f"{self.name} backend implements GPT-2's tanh GELU, not activation_function={act!r}")
+        if config.get("scale_attn_by_inverse_layer_idx") or not config.get("scale_attn_weights", True):
+            raise TracerError(f"{self.name} backend implements GPT-2's 1/sqrt(D) attention scaling only")
 
     def to_numpy(self, value: Any) -> np.ndarray:
         return np.asarray(value)

@@ -24,8 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.inject import validate_injection
-from backends.numpy_backend import TANH_GELUS
 from backends.protocol import Backend, Tap
 from tracer.errors import TracerError
 
@@ -149,12 +147,10 @@ class TritonBackend(Backend):
     """GPT-2 in Triton kernels: `fp32` (default), `tf32` or `fp16`; CUDA, or CPU under TRITON_INTERPRET=1."""
 
     name = "triton"
+    precisions = tuple(PRECISIONS)
     supported_injections = frozenset(VARIANTS)
 
     def __init__(self, precision: str = "fp32", inject: str | None = None):
-        if precision not in PRECISIONS:
-            raise TracerError(f"triton backend: unknown precision {precision!r} ({', '.join(PRECISIONS)})")
-        validate_injection(inject, type(self))
         available, why = self.availability()
         if not available:
             raise TracerError(f"triton backend is not available here: {why}")
@@ -186,11 +182,7 @@ class TritonBackend(Backend):
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run its kernels on CPU, slowly)"
 
     def prepare(self, weights: dict[str, np.ndarray], config: dict) -> None:
-        act = config.get("activation_function", "gelu_new")
-        if act not in TANH_GELUS:
-            raise TracerError(f"triton backend implements GPT-2's tanh GELU, not activation_function={act!r}")
-        if config.get("scale_attn_by_inverse_layer_idx") or not config.get("scale_attn_weights", True):
-            raise TracerError("triton backend implements GPT-2's 1/sqrt(D) attention scaling only")
+        self.check_gpt2_config(config)
         self.n_head = int(config["n_head"])
         self.n_positions = int(config.get("n_positions", 1024))
         self.eps = float(config.get("layer_norm_epsilon", 1e-5))

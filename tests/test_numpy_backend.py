@@ -124,7 +124,7 @@ def test_fp16_softmax_without_max_overflows_on_realistic_scores():
 
 
 def test_bad_precision_and_unknown_bug_are_input_errors():
-    with pytest.raises(TracerError, match="fp32 or fp64"):
+    with pytest.raises(TracerError, match=r"unknown precision .fp16. \(fp32, fp64\)"):
         NumpyBackend("fp16")
     with pytest.raises(TracerError, match="unknown bug 'no-such-bug'.*no-attn-scale"):
         NumpyBackend(inject="no-such-bug")
