@@ -1,6 +1,6 @@
 """NumPy backend forward time against a torch CPU forward of the same model (goal: ≤ 1.5×).
 
-    python benchmarks/backends.py --seq 128,1024 --repeats 3
+    python -m benchmarks.backends --seq 128,1024 --repeats 3
 
 Both run the realistic random gpt2-shape model (B=1) from the same golden weights; the NumPy
 backend gets a no-op tap (returns each value unchanged, records nothing), so only compute is timed.

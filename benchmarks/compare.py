@@ -1,6 +1,6 @@
 """Compare throughput and memory on a realistic gpt2-shape golden (goal: ≥ 1 GB/s, peak ≤ 2× largest stage).
 
-    python benchmarks/compare.py --seq 1024
+    python -m benchmarks.compare --seq 1024
 
 Records a golden and a correct NumPy fp32 trace of the same ids, then times `compare` under the
 default `auto` tolerances (with its oracle replay and per-stage float64 re-evaluation) and under the

@@ -4,7 +4,7 @@ Prints, per sequence length (B=1, CPU): the plain forward time, the record time 
 dir (medians after a warm-up), their ratio, the bytes written and the write rate. Weights are a
 one-off cost per golden, independent of T, so they are timed once on their own line.
 
-    python benchmarks/record.py --seq 128,1024 --repeats 3 --model random:gpt2
+    python -m benchmarks.record --seq 128,1024 --repeats 3 --model random:gpt2
 """
 
 from __future__ import annotations

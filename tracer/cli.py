@@ -178,6 +178,25 @@ def compare_cmd(
 
 
 @app.command()
+def diff(
+    golden: Path = typer.Argument(..., help="Golden file."),
+    trace: Optional[Path] = typer.Argument(None, help="Trace: .h5, or a foreign .npz / .safetensors / directory "
+                                           "of .npy named by stage."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Replay this backend instead of reading "
+                                          "a TRACE."),
+    inject: Optional[str] = typer.Option(None, "--inject", help="With --backend: inject a catalog bug."),
+    case: Optional[str] = typer.Option(None, "--case", help="Case to browse (default: the one that diverges "
+                                       "first)."),
+    no_tui: bool = typer.Option(False, "--no-tui", help="Print the static report of `compare` instead (also "
+                                "when stdout is not a terminal)."),
+) -> None:
+    """Browse a comparison interactively: stages, tokens, heads, channels (needs textual: the tui extra)."""
+    from tracer.tui.command import diff_command
+
+    raise typer.Exit(diff_command(golden, trace, backend, inject, case, no_tui, console))
+
+
+@app.command()
 def report(
     result: Path = typer.Argument(..., help="Result JSON written by compare --json."),
     fmt: str = typer.Option("terminal", "--format", help="terminal, html, md, junit or json."),

@@ -40,7 +40,7 @@ class CompareRequest:
     quiet: bool = False
 
 
-def _replayed_trace(req: CompareRequest, workdir: Path) -> Path:
+def replayed_trace(req: CompareRequest, workdir: Path) -> Path:
     from backends.registry import resolve_backend
     from tracer.replay import replay
 
@@ -64,7 +64,7 @@ def run_compare(req: CompareRequest) -> CompareResult:
     try:
         with Golden.open(req.golden) as golden:
             if req.backend:
-                trace = StageFile.open(_replayed_trace(req, workdir))
+                trace = StageFile.open(replayed_trace(req, workdir))
                 cleanup = trace.close
             elif req.trace is not None and _is_foreign(req.trace):
                 from tracer.foreign import open_trace_any

@@ -56,9 +56,9 @@ def _native_trace(golden_path: Path, golden: Golden, trace: Path | None, backend
                   case: str | None, workdir: Path) -> tuple[Path, str]:
     """(an .h5 trace that stays readable while the viewer runs, what to call it)."""
     if backend is not None:
-        from tracer.compare.run import _replayed_trace
+        from tracer.compare.run import replayed_trace
 
-        path = _replayed_trace(CompareRequest(golden_path, backend=backend, inject=inject), workdir)
+        path = replayed_trace(CompareRequest(golden_path, backend=backend, inject=inject), workdir)
         return path, f"{backend} replay" + (f" (inject {inject})" if inject else "")
     if inject:
         raise TracerError("--inject needs --backend (it is applied while replaying)")
