@@ -1,4 +1,5 @@
-"""NumPy backend forward time against a torch CPU forward of the same model (goal: ≤ 1.5×).
+"""NumPy backend forward time against a torch CPU forward of the same model (goal: ≤ 1.5×), then,
+where CUDA is available, the GPU rows of `benchmarks.backends_gpu` (cupy, triton vs torch eager).
 
     python -m benchmarks.backends --seq 128,1024 --repeats 3
 
@@ -47,6 +48,12 @@ def main() -> None:
         t_torch = median_time(torch_forward, args.repeats)
         t_numpy = median_time(numpy_forward, args.repeats)
         print(f"{T:>6} {t_torch:>9.3f} {t_numpy:>9.3f} {t_numpy / t_torch:>6.2f}x")
+    if torch.cuda.is_available():  # the GPU rows: cupy and triton against torch eager CUDA
+        from benchmarks.backends_gpu import main as gpu_main
+
+        gpu_main(["--no-record-tap"])
+    else:
+        print("GPU rows (cupy, triton vs torch eager CUDA): no CUDA here; see python -m benchmarks.backends_gpu")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def runs_here(spec: str) -> bool:
     return available
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="gpt2")
     parser.add_argument("--layers", type=int, default=0, help="override n_layer (0: the shape's)")
@@ -84,7 +84,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-record-tap", action="store_true", help="skip the recording-tap timings")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("backends_gpu: CUDA is not available here")
         return 2
