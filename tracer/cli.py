@@ -142,14 +142,19 @@ def import_log(
     import_log_command(log, golden, map, case, output, force, quiet)
 
 
+# Arguments shared by `compare` and `diff`.
+GOLDEN_ARG = typer.Argument(..., help="Golden file.")
+TRACE_ARG = typer.Argument(None, help="Trace: .h5, or a foreign .npz / .safetensors / directory of .npy named by stage.")
+BACKEND_OPT = typer.Option(None, "--backend", "-b", help="Replay this backend instead of reading a TRACE.")
+INJECT_OPT = typer.Option(None, "--inject", help="With --backend: inject a catalog bug.")
+
+
 @app.command("compare")
 def compare_cmd(
-    golden: Path = typer.Argument(..., help="Golden file."),
-    trace: Optional[Path] = typer.Argument(None, help="Trace: .h5, or a foreign .npz / .safetensors / directory "
-                                           "of .npy named by stage."),
-    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Replay this backend instead of reading "
-                                          "a TRACE."),
-    inject: Optional[str] = typer.Option(None, "--inject", help="With --backend: inject a catalog bug."),
+    golden: Path = GOLDEN_ARG,
+    trace: Optional[Path] = TRACE_ARG,
+    backend: Optional[str] = BACKEND_OPT,
+    inject: Optional[str] = INJECT_OPT,
     precision: str = typer.Option("fp32", "--precision", help="With --backend: fp32 or fp64."),
     mode: str = typer.Option("both", "--mode", help="With --backend: chained, isolated or both."),
     tolerance: Optional[str] = typer.Option(None, "--tolerance", help="auto (default: from the measured noise), "
@@ -179,12 +184,10 @@ def compare_cmd(
 
 @app.command()
 def diff(
-    golden: Path = typer.Argument(..., help="Golden file."),
-    trace: Optional[Path] = typer.Argument(None, help="Trace: .h5, or a foreign .npz / .safetensors / directory "
-                                           "of .npy named by stage."),
-    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Replay this backend instead of reading "
-                                          "a TRACE."),
-    inject: Optional[str] = typer.Option(None, "--inject", help="With --backend: inject a catalog bug."),
+    golden: Path = GOLDEN_ARG,
+    trace: Optional[Path] = TRACE_ARG,
+    backend: Optional[str] = BACKEND_OPT,
+    inject: Optional[str] = INJECT_OPT,
     case: Optional[str] = typer.Option(None, "--case", help="Case to browse (default: the one that diverges "
                                        "first)."),
     no_tui: bool = typer.Option(False, "--no-tui", help="Print the static report of `compare` instead (also "
