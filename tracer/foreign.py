@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from tracer.errors import TracerError
+from tracer.record import trace_attrs
 from tracer.stages import (BLOCK_STAGES, EMBED_STAGES, FINAL_STAGES, canonical_stages, hf_aliases, hf_sources,
                            layout_of, split_stage, stage_order)
 from tracer.store import Golden, StageWriter, Trace, check_output_path
@@ -353,15 +354,6 @@ def pick_case(golden: Golden, case: str | None) -> str:
     return names[0]
 
 
-def trace_attrs(golden: Golden, backend: str, dtype: str) -> dict[str, Any]:
-    """Root attributes of an imported trace: identity of the golden, plus where the data came from."""
-    from tracer.record import PRODUCER, versions
-
-    return {"producer": PRODUCER, "versions": versions(), "model_config": golden.model_config,
-            "golden_id": golden.golden_id, "model_source": golden.attrs.get("model_source", ""),
-            "backend": backend, "mode": "chained", "dtype": dtype}
-
-
 _DTYPE_NAMES = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32", np.dtype(np.float64): "fp64"}
 
 
@@ -434,7 +426,7 @@ def import_foreign(path: str | os.PathLike, golden: Golden, out: str | os.PathLi
                  f"{', '.join(plan.unknown[:8])}{', ...' if len(plan.unknown) > 8 else ''}")
         order = stage_order(n_layer)
         dtypes: list[np.dtype] = []
-        with StageWriter(out, "trace", trace_attrs(golden, f"foreign:{src.name}", ""), force=force) as writer:
+        with StageWriter(out, "trace", trace_attrs(golden, f"foreign:{src.name}", "chained", ""), force=force) as writer:
             writer.begin_case(case_name, view.input_ids, view.attention_mask, view.prompts)
             for stage in sorted(plan.stages, key=order.__getitem__):
                 foreign = plan.stages[stage]

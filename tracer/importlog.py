@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from tracer.errors import TracerError
-from tracer.foreign import (Warn, default_warn, is_local_stage, load_toml, maps_dir, pick_case, resolve_map_path,
-                            trace_attrs)
+from tracer.foreign import Warn, default_warn, is_local_stage, load_toml, maps_dir, pick_case, resolve_map_path
+from tracer.record import trace_attrs
 from tracer.stages import EMBED_STAGES, FINAL_STAGES, SEED_LABELS, block_stage, layout_of, stage_order
 from tracer.store import CaseView, Golden, StageWriter, check_output_path
 
@@ -222,7 +222,7 @@ def import_log(log_path: str | os.PathLike, golden: Golden, out: str | os.PathLi
         warn(f"the golden has no {', '.join(summary.missing)}: those log lines are left out")
     order = stage_order(golden.n_layer)
     dtype = golden.attrs.get("dtype", "fp32")
-    with StageWriter(out, "trace", trace_attrs(golden, f"log:{log.name}", dtype), force=force) as writer:
+    with StageWriter(out, "trace", trace_attrs(golden, f"log:{log.name}", "chained", dtype), force=force) as writer:
         writer.begin_case(view.name, view.input_ids, view.attention_mask, view.prompts)
         for stage in summary.values:
             buf = stages[stage]

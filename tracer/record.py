@@ -14,7 +14,7 @@ from tracer.errors import TracerError
 from tracer.models import LoadedModel, to_numpy, weights_of, weights_sha256
 from tracer.recorder import CaseInput, Recorder
 from tracer.stages import StageSelector, canonical_stages, stage_order
-from tracer.store import StageWriter
+from tracer.store import StageFile, StageWriter
 
 PRODUCER = "gpt2-tracer"
 
@@ -28,6 +28,18 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "unknown"
     return out
+
+
+TRACE_COPIED_ATTRS = ("model_source", "tokenizer")
+
+
+def trace_attrs(golden: StageFile, backend: str, mode: str, dtype: str, inject: str = "") -> dict:
+    """Root attributes of a trace: the golden's identity, and which backend made it and how."""
+    attrs = {key: golden.attrs[key] for key in TRACE_COPIED_ATTRS if key in golden.attrs}
+    attrs.update({"producer": PRODUCER, "versions": versions(), "model_config": golden.model_config,
+                  "golden_id": golden.golden_id, "backend": backend, "mode": mode, "dtype": dtype,
+                  "inject": inject})
+    return attrs
 
 
 def build_cases(loaded: LoadedModel, prompts: list[str], ids: list[list[int]], batch: bool) -> list[CaseInput]:

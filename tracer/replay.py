@@ -30,15 +30,12 @@ from backends.protocol import Backend
 from backends.registry import backend_class, resolve_backend
 from tracer.errors import TracerError
 from tracer.progress import track
-from tracer.record import PRODUCER, versions
+from tracer.record import trace_attrs
 from tracer.store import CaseView, Golden, StageWriter, check_output_path
 from tracer.stages import stage_order
 
 MODES = ("chained", "isolated", "both")
 GROUPS = {"chained": ("stages",), "isolated": ("isolated",), "both": ("stages", "isolated")}
-COPIED_ATTRS = ("model_source", "tokenizer")
-
-
 class StageTap:
     """The `tap` of one forward: records each stage, returns the value the backend goes on with."""
 
@@ -104,21 +101,6 @@ def replay_case(backend: Backend, case: CaseView, writer: StageWriter, group: st
         tap.record("logits", array)
 
 
-def trace_attrs(golden: Golden, backend: Backend, mode: str) -> dict[str, Any]:
-    attrs = {key: golden.attrs[key] for key in COPIED_ATTRS if key in golden.attrs}
-    attrs.update({
-        "producer": PRODUCER,
-        "versions": versions(),
-        "model_config": golden.model_config,
-        "golden_id": golden.golden_id,
-        "backend": backend.name,
-        "mode": mode,
-        "dtype": backend.precision,
-        "inject": backend.inject or "",
-    })
-    return attrs
-
-
 def _prepare(backend: Backend, golden: Golden) -> None:
     if not golden.has_weights:
         raise TracerError(f"{golden.path} has no weights: replay needs them (record without --no-weights)")
@@ -142,7 +124,7 @@ def replay(golden_path: str | Path, backend: Backend | ExecBackend, out_path: st
     with Golden.open(golden_path) as golden:
         _prepare(backend, golden)
         orders = stage_order(golden.n_layer)
-        with StageWriter(out_path, "trace", trace_attrs(golden, backend, mode), force=force) as writer:
+        with StageWriter(out_path, "trace", trace_attrs(golden, backend.name, mode, backend.precision, backend.inject or ""), force=force) as writer:
             names = golden.case_names()
             for name in (progress(names) if progress else names):
                 case = golden.case(name)
