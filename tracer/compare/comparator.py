@@ -54,8 +54,7 @@ def compare(golden: StageFile, trace: StageFile, options: CompareOptions,
             progress: Callable | None = None) -> CompareResult:
     """Compare every common case; `progress` wraps the stage iterator (rich bar)."""
     check_pairing(golden, trace)
-    names = [c for c in golden.case_names() if trace.has_case(c)] if hasattr(trace, "has_case") else [
-        c for c in golden.case_names() if c in trace.case_names()]
+    names = [c for c in golden.case_names() if trace.has_case(c)]
     if options.cases:
         names = [c for c in names if c in options.cases]
     if not names:
@@ -195,7 +194,7 @@ class _CaseComparison:
             if mask_mismatch:
                 res.error = float("inf")
         res.drift = drift.get(stage) if drift else None
-        self._local_check(stage, res, c, g, valid)
+        local_rows, evidence = self._local_check(stage, res, c, g)
         res.tolerance = self.options.tolerances.chained_tolerance(stage, res.drift, self.precision,
                                                                   res.local_tolerance)
         res.metrics = stage_metrics(g, c, valid, res.tolerance, mask_mismatch)
@@ -207,13 +206,12 @@ class _CaseComparison:
             res.amplification = res.error / res.local_error if np.isfinite(res.error) else None
         res.status = "fail" if res.fails_chained or res.fails_local else "pass"
         if res.failed:
-            rows_err = self._local_rows if res.fails_local and self._local_rows is not None else per_row
+            rows_err = local_rows if res.fails_local else per_row
             tol = res.local_tolerance if res.fails_local else res.tolerance
             with np.errstate(all="ignore"):
                 diff = np.where(valid, c - g, 0.0)
             res.where = describe_where(stage, rows_err, tol, diff, valid, self.config)
-            if res.fails_local or not res.diagnoses:
-                res.diagnoses = self._diagnose(stage, c, g, valid, res)
+            res.diagnoses = diagnose(evidence, self.ref) if evidence else self._diagnose_chained(stage, c, g, valid, res)
         res.tables = first8_tables(stage, g, c, valid, per_row, res.tolerance, self.options.token)
         return res
 
@@ -233,17 +231,18 @@ class _CaseComparison:
                     "are 0 at every masked position, so its mask is applied inside softmax"
         return c, int(differs.sum()), f"{int(differs.sum())} score entries masked differently from the golden"
 
-    def _local_check(self, stage: str, res: StageResult, c: np.ndarray, g: np.ndarray, valid: np.ndarray) -> None:
-        """Error introduced at this stage: candidate vs float64 reference on the inputs it saw."""
-        self._local_rows = None
-        if self.ref.needs_weights(stage) and self.weights is None:
-            return
-        if self.t.is_partial(stage):
-            return
+    def _local_check(self, stage: str, res: StageResult, c: np.ndarray,
+                     g: np.ndarray) -> tuple[np.ndarray | None, StageEvidence | None]:
+        """Error introduced at this stage: candidate vs float64 reference on the inputs it saw.
+
+        Fills the local fields of `res`; returns the per-row introduced errors and, when the
+        check fails, the evidence diagnosis works from."""
+        if (self.ref.needs_weights(stage) and self.weights is None) or self.t.is_partial(stage):
+            return None, None
         if self.isolated and self.t.has(stage, "isolated"):
             cand, lookup, res.local_source = self.t.read(stage, "isolated"), self.golden_value, "isolated"
             if cand.shape != g.shape:
-                return
+                return None, None
         else:
             cand, lookup, res.local_source = c, self.candidate_input, "chained inputs"
             try:
@@ -256,30 +255,27 @@ class _CaseComparison:
             reference = self.ref.evaluate(stage, inputs, self.ids, self.mask, np.float64)
             noisy = round_to(self.noise_ref.evaluate(stage, inputs, self.ids, self.mask, np.float32), self.precision)
             valid_local = self.valid_for(stage, reference)
-            if split_stage(stage)[1] == "attn.scores":
-                rows = self.rows_for(stage, reference)
-                res.local_error = scores_distance(cand, reference, rows)
-                res.local_noise = scores_distance(noisy, reference, rows)
-                _, self._local_rows = row_error(np.where(valid_local, cand, 0), np.where(valid_local, reference, 0),
-                                                valid_local)
+            rows = self.rows_for(stage, reference)
+            res.local_error, local_rows = row_error(cand, reference, valid_local)
+            if split_stage(stage)[1] == "attn.scores":  # a differently masked row is infinitely wrong
                 mask_rows = (np.broadcast_to(rows, cand.shape) & (is_masked(cand) != is_masked(reference))).any(-1)
-                self._local_rows = np.where(mask_rows, np.inf, self._local_rows)
+                if mask_rows.any():
+                    res.local_error, local_rows = float("inf"), np.where(mask_rows, np.inf, local_rows)
+                res.local_noise = scores_distance(noisy, reference, rows)
             else:
-                res.local_error, self._local_rows = row_error(cand, reference, valid_local)
                 res.local_noise = row_error(noisy, reference, valid_local)[0]
         res.local_tolerance = self.options.tolerances.local_tolerance(stage, res.local_noise, self.precision)
         res.fails_local = not res.local_error <= res.local_tolerance
-        if res.fails_local:
-            self._evidence = StageEvidence(stage, cand, reference, inputs, self.ids, self.mask, valid_local,
-                                           self.rows_for(stage, reference), res.local_error, res.local_tolerance,
-                                           self.precision)
+        if not res.fails_local:
+            return local_rows, None
+        return local_rows, StageEvidence(stage, cand, reference, inputs, self.ids, self.mask, valid_local, rows,
+                                         res.local_error, res.local_tolerance, self.precision)
 
-    def _diagnose(self, stage: str, c: np.ndarray, g: np.ndarray, valid: np.ndarray, res: StageResult):
-        if res.fails_local:
-            return diagnose(self._evidence, self.ref)
+    def _diagnose_chained(self, stage: str, c: np.ndarray, g: np.ndarray, valid: np.ndarray, res: StageResult):
+        """No introduced-error data: test hypotheses against the golden on golden inputs."""
         if self.ref.needs_weights(stage) and self.weights is None:
             return []
-        try:  # no introduced-error data: test hypotheses against the golden on golden inputs
+        try:
             reference = self.ref.evaluate(stage, Lookup(self.golden_value), self.ids, self.mask, np.float64)
         except KeyError:
             return []
