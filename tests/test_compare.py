@@ -23,24 +23,24 @@ from tracer.store import StageFile
 # The diagnosis rule a catalog bug should be recognised by (None: no rule claims it).
 EXPECTED_RULE = {
     "embed-scale": "generic.scale",
-    "position-offset": "pos.offset",
-    "skip-wpe": "embed.no-pos",
+    "position-offset": "constant.pos-offset",
+    "skip-wpe": "sum.term-dropped",
     "ln-unbiased-var": "ln.unbiased-variance",
     "ln-eps": "ln.eps-outside-sqrt",
     "qkv-interleaved": "qkv.interleaved",
-    "no-attn-scale": "scores.no-scale",
-    "attn-scale-by-d": "scores.scale-1/D",
+    "no-attn-scale": "constant.attn-scale",
+    "attn-scale-by-d": "constant.attn-scale",
     "qk-swapped": "scores.qk-swapped",
     "mask-off-by-one": "mask.off-by-one",
     "no-causal-mask": "mask.missing",
     "softmax-no-max-subtraction": "softmax.no-max-subtraction",
     "heads-merged-wrong": "heads.merge-layout",
-    "c-proj-untransposed": "linear.untransposed",
-    "residual-from-normalized": "resid.from-normalized",
-    "drop-fc-bias": "linear.no-bias",
+    "c-proj-untransposed": "param.weight.transposed",
+    "residual-from-normalized": "operand",
+    "drop-fc-bias": "param.bias.dropped",
     "gelu-erf": "gelu.erf",
-    "mlp-residual-dropped": "resid.missing",
-    "skip-ln-f": "ln.skipped",
+    "mlp-residual-dropped": "sum.term-dropped",
+    "skip-ln-f": "step.skipped",
 }
 
 
@@ -114,7 +114,7 @@ def test_catalog_bug_found_at_its_stage_and_diagnosed(bug, golden_name, mode, re
 def test_diagnosis_evidence_shows_error_before_and_after(tiny_golden, tmp_path):
     result = run(tiny_golden, NumpyBackend("fp32", inject="no-attn-scale"), tmp_path)
     d = result.cases[0].stage("blocks.0.attn.scores").diagnoses[0]
-    assert d.verdict == "confirmed" and d.rule == "scores.no-scale"
+    assert d.verdict == "confirmed" and d.rule == "constant.attn-scale"
     assert d.after < 1e-4 < d.before
     assert "→" in d.evidence
 

@@ -109,7 +109,7 @@ def test_json_round_trip(results, which, tmp_path):
     write_report(result, "json", path, Console(file=None))
     text = path.read_text()
     data = json.loads(text, parse_constant=_reject_constant)
-    assert data["schema_version"] == 1 and data["passed"] == result.passed
+    assert data["schema_version"] == 2 and data["passed"] == result.passed
     loaded = CompareResult.load(path)
     assert loaded.to_json() == result.to_json()
     if which != "passing":

@@ -169,6 +169,8 @@ def compare_cmd(
     junit_out: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per stage)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Fail on regression against this baseline."),
     update_baseline: bool = typer.Option(False, "--update-baseline", help="Write the baseline from this run."),
+    require: Optional[str] = typer.Option(None, "--require", help="Stages the trace must hold: 'all' or globs "
+                                          "(comma-separated); a missing one fails instead of being listed."),
     log_format: bool = typer.Option(False, "--log-format", help="Also print seed-style log lines."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every stage, not runs of passing ones."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report (exit code and files only)."),
@@ -178,7 +180,7 @@ def compare_cmd(
 
     reports = {k: v for k, v in (("json", json_out), ("html", html_out), ("md", md_out), ("junit", junit_out)) if v}
     req = CompareRequest(golden, trace, backend, inject, precision, mode, tolerance, stage, token, case, name_map,
-                         reports, baseline, update_baseline, log_format, verbose, quiet)
+                         reports, baseline, update_baseline, require, log_format, verbose, quiet)
     raise typer.Exit(compare_command(req, console))
 
 

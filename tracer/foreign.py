@@ -438,6 +438,8 @@ def import_foreign(path: str | os.PathLike, golden: Golden, out: str | os.PathLi
                 dtypes.append(array.dtype)
                 writer.write_stage(case_name, stage, array, order[stage], foreign_name=foreign)
             writer.set_attr("dtype", dtype_name(dtypes))
+            if plan.unknown:  # reports list them: a misnamed array must not pass unnoticed
+                writer.set_attr("foreign_unmatched", ", ".join(plan.unknown))
     return plan
 
 

@@ -25,12 +25,14 @@ NOISE_SHARE = 0.1
 
 
 def baseline_of(result: CompareResult) -> dict:
-    cases = {}
+    cases, coverage = {}, {}
     for case in result.cases:
         cases[case.case] = {s.stage: {"status": s.status, "error": s.error, "local_error": s.local_error}
                             for s in case.stages}
+        coverage[case.case] = case.coverage
     return {"schema_version": BASELINE_SCHEMA_VERSION, "golden_id": result.golden_meta.get("golden_id", ""),
-            "backend": result.trace_meta.get("backend", ""), "tolerance": result.tolerance, "cases": cases}
+            "backend": result.trace_meta.get("backend", ""), "tolerance": result.tolerance, "cases": cases,
+            "coverage": coverage}
 
 
 def write_baseline(result: CompareResult, path: str | Path) -> None:

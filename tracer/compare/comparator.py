@@ -1,10 +1,12 @@
 """Streaming comparison of a trace against its golden (SPEC §6).
 
 Walks each case's stages in execution order, holding only the stages that a later stage
-still reads (its data-flow inputs and what its diagnosis rules need). Per stage it runs
-two checks (see `tolerance`): chained error vs the golden, and error introduced at the
-stage, by re-evaluating the stage in float64 on the inputs the candidate tapped (or, for
-teacher-forced traces, on the golden's). Localization and diagnosis follow from those.
+still reads. Per stage it runs two checks (see `tolerance`): chained error vs the golden, and
+error introduced at the stage, by re-evaluating the stage in float64 on the inputs the
+candidate has — dumped, or derived from what it dumped (`derive`) — or, for teacher-forced
+traces, on the golden's. Where an input is truly absent the golden's value stands in and the
+check allows the inherited drift a correct port shows there (measured by the oracle).
+Localization and diagnosis follow from those.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tracer.compare.align import align
-from tracer.compare.diagnose import StageEvidence, diagnose, hypothesis_inputs, scores_distance
-from tracer.compare.localize import describe_where, first8_tables, origin_of
+from tracer.compare.derive import CandidateStages
+from tracer.compare.diagnose import StageEvidence, diagnose
+from tracer.compare.localize import (
+    coverage_of,
+    describe_where,
+    first8_tables,
+    origin_of,
+)
 from tracer.compare.metrics import is_masked, row_error, stage_metrics, valid_mask
-from tracer.compare.oracle import oracle_drift
+from tracer.compare.oracle import OracleDrift, oracle_drift
 from tracer.compare.reference import Lookup, Reference, allowed_mask
 from tracer.compare.result import CaseResult, CompareResult, StageResult
 from tracer.compare.tolerance import UNIT_ROUNDOFF, Tolerances, precision_of, round_to
@@ -27,7 +34,7 @@ from tracer.stages import StageSelector, layout_of, split_stage, stage_inputs
 from tracer.store import CaseView, StageFile
 
 META_KEYS = ("model_source", "dtype", "device", "attn_implementation", "tf32", "golden_id", "backend", "mode",
-             "inject", "created", "producer", "kind")
+             "inject", "created", "producer", "kind", "foreign_unmatched")
 
 
 @dataclass
@@ -36,6 +43,7 @@ class CompareOptions:
     selector: StageSelector = StageSelector()
     token: int | None = None          # extra first-8 table token (besides 0 and the worst)
     cases: list[str] | None = None
+    require: StageSelector | None = None   # missing stages matching it fail (--require)
 
 
 def _meta(f: StageFile) -> dict:
@@ -50,39 +58,61 @@ def check_pairing(golden: StageFile, trace: StageFile) -> None:
                           f"{golden.path} has {gid}): replay it from this golden")
 
 
+def candidate_precision(trace: StageFile, declared: str) -> tuple[str, str | None]:
+    """The precision the candidate computed in. A float64 dump whose values are all exactly
+    float32 numbers is an fp32 port saved as doubles: judged as fp32, with a note."""
+    if declared != "fp64":
+        return declared, None
+    for case in trace.cases():
+        for group in ("stages", "isolated"):
+            for name in case.stages(group)[:6]:
+                a = case.dataset(name, group)[()]
+                if a.dtype != np.float64:
+                    continue
+                finite = a[np.isfinite(a)]
+                if finite.size and not np.array_equal(finite.astype(np.float32).astype(np.float64), finite):
+                    return "fp64", None
+    return "fp32", "float64 values that are all exact float32 numbers: judged as an fp32 port"
+
+
 def compare(golden: StageFile, trace: StageFile, options: CompareOptions,
             progress: Callable | None = None) -> CompareResult:
     """Compare every common case; `progress` wraps the stage iterator (rich bar)."""
     check_pairing(golden, trace)
     names = [c for c in golden.case_names() if trace.has_case(c)]
     if options.cases:
+        unknown = [c for c in options.cases if not golden.has_case(c)]
+        if unknown:
+            raise TracerError(f"{golden.path} has no case {unknown[0]!r} (cases: {', '.join(golden.case_names())})")
         names = [c for c in names if c in options.cases]
     if not names:
         raise TracerError(f"{trace.path} has no case in common with {golden.path} "
                           f"(golden: {', '.join(golden.case_names())}; trace: {', '.join(trace.case_names()) or 'none'})")
     weights = golden.weights() if golden.has_weights else None
     ref = Reference(weights or {}, golden.model_config)
-    precision = options.tolerances.precision or precision_of(str(trace.attrs.get("dtype", "")))
+    declared = options.tolerances.precision or precision_of(str(trace.attrs.get("dtype", "")))
+    precision, precision_note = (declared, None) if options.tolerances.precision else \
+        candidate_precision(trace, declared)
     cases = []
     for name in names:
         cases.append(_CaseComparison(golden.case(name), trace.case(name), ref, weights, precision, options,
                                      golden.model_config).run(progress))
-    if not any(_stage_present(c) for c in cases):
+    if not any(c.coverage.get("compared", 0) for c in cases):
         raise TracerError(f"{trace.path} contains no stage of {golden.path} (empty trace or wrong stage names)")
+    tolerance = options.tolerances.describe()
+    if not weights:
+        tolerance += " (golden has no weights: no introduced-error checks on weighted stages, dtype preset for " \
+                     "chained checks)"
+    if precision_note:
+        tolerance += f"; {precision_note}"
     result = CompareResult(golden=str(golden.path), trace=str(trace.path), golden_meta=_meta(golden),
-                           trace_meta=_meta(trace), tolerance=options.tolerances.describe()
-                           + ("" if weights else " (golden has no weights: no introduced-error checks on "
-                              "weighted stages, dtype preset for chained checks)"), cases=cases)
+                           trace_meta=_meta(trace), tolerance=tolerance, cases=cases)
     for c in cases:
         if c.first_divergence and result.first_divergence is None:
             result.first_divergence = {"case": c.case, "stage": c.first_divergence}
             if c.origin:
                 result.origin = {"case": c.case, "stage": c.origin}
     return result
-
-
-def _stage_present(case: CaseResult) -> bool:
-    return any(s.status != "missing" for s in case.stages)
 
 
 class _CaseComparison:
@@ -100,7 +130,8 @@ class _CaseComparison:
         # An isolated-only trace has no chained values: its teacher-forced values stand in for them.
         self.group = "stages" if trace.stages("stages") or not self.isolated else "isolated"
         self.g_cache: dict[str, np.ndarray] = {}
-        self.c_cache: dict[str, np.ndarray] = {}
+        self.cand = CandidateStages(trace, self.group, self.golden_value, ref, self.ids, self.mask,
+                                    weights is not None)
 
     # -- helpers ----------------------------------------------------------------------------
     def valid_for(self, stage: str, array: np.ndarray) -> np.ndarray:
@@ -116,66 +147,105 @@ class _CaseComparison:
         return self.g_cache[name]
 
     def candidate_input(self, name: str) -> np.ndarray:
-        """The value the candidate tapped for an input stage (golden where it tapped none)."""
-        if name in self.c_cache:
-            return self.c_cache[name]
-        if self.t.has(name, self.group) and not self.t.is_partial(name):
-            value, _ = align(self.t.read(name, self.group), self.golden_value(name), layout_of(name))
-            if value is not None and value.dtype.kind == "f":
-                return value
-        raise KeyError(name)
+        """The candidate's value of an input stage, dumped or derived (KeyError when it has none)."""
+        if not self.cand.available(name):
+            raise KeyError(name)
+        value = self.cand.read(name).array
+        if value is None or value.dtype.kind != "f":
+            raise KeyError(name)
+        return value
+
+    def input_sources(self, stage: str) -> dict[str, str]:
+        """Where each input of the stage's introduced-error check comes from: candidate, derived, golden."""
+        out = {}
+        for name in stage_inputs(stage, self.ref.spec.n_layer):
+            if self.cand.dumped(name) and not self.t.is_partial(name):
+                out[name] = "candidate"
+            elif self.cand.available(name):
+                out[name] = "derived"
+            else:
+                out[name] = "golden"
+        return out
 
     # -- main loop --------------------------------------------------------------------------
     def run(self, progress: Callable | None) -> CaseResult:
         names = self.options.selector.select(self.g.stages())
         last_use = self._last_use(names)
-        drift = self._drift()
+        drift = self._drift(names)
         results = []
         for k, stage in enumerate(progress(names) if progress else names):
             results.append(self.compare_stage(stage, k, drift))
-            for cache in (self.g_cache, self.c_cache):
+            for cache in (self.g_cache, self.cand.cache):
                 for name in [n for n in cache if last_use.get(n, -1) <= k]:
                     del cache[name]
         case = CaseResult(self.g.name, results)
         failed = [s for s in results if s.failed]
         case.first_divergence = failed[0].stage if failed else None
         case.origin, case.origin_reasoning = origin_of(results, self.config) if failed else (None, None)
+        case.coverage = coverage_of(results, self.config)
         return case
 
     def _last_use(self, names: list[str]) -> dict[str, int]:
         n_layer = self.ref.spec.n_layer
         last: dict[str, int] = {}
         for k, stage in enumerate(names):
-            needed = set(stage_inputs(stage, n_layer)) | hypothesis_inputs(stage, self.ref) | {stage}
-            if split_stage(stage)[1] == "attn.scores":
+            needed = set(stage_inputs(stage, n_layer)) | {stage}
+            i, local = split_stage(stage)
+            if local == "attn.scores":
                 needed.add(stage.replace("attn.scores", "attn.probs"))
+            if local in ("embed.tok", "embed.pos", "embed.sum", "attn.qkv", "attn.q", "attn.k", "attn.v"):
+                needed |= {"embed.sum", "embed.tok", "embed.pos"} if i is None else \
+                    {f"blocks.{i}.attn.{x}" for x in ("qkv", "q", "k", "v")}
             for n in needed:
-                last[n] = k
+                last[n] = max(last.get(n, -1), k)
         return last
 
-    def _drift(self) -> dict[str, float] | None:
+    def _drift(self, names: list[str]) -> OracleDrift | None:
         if self.weights is None:
             return None
-        return oracle_drift(self.g, self.weights, self.config, self.precision, self.valid_for)
+        substituted = {}
+        if not self.isolated:
+            for stage in names:
+                if self.cand.dumped(stage) and not self.t.is_partial(stage):
+                    golden_inputs = frozenset(n for n, src in self.input_sources(stage).items() if src == "golden")
+                    if golden_inputs:
+                        substituted[stage] = golden_inputs
+        return oracle_drift(self.g, self.weights, self.config, self.precision, self.valid_for, substituted, self.ref)
 
-    def compare_stage(self, stage: str, order: int, drift: dict[str, float] | None) -> StageResult:
+    def _golden_nonfinite(self, stage: str, g: np.ndarray) -> int:
+        rows = np.broadcast_to(self.rows_for(stage, g), g.shape)
+        bad = ~np.isfinite(g) & rows
+        if split_stage(stage)[1] == "attn.scores":
+            bad &= ~np.isneginf(g)
+        return int(bad.sum())
+
+    def compare_stage(self, stage: str, order: int, drift: OracleDrift | None) -> StageResult:
         g = self.golden_value(stage)
         res = StageResult(stage=stage, order=order, status="pass", shape=list(g.shape), dtype=str(g.dtype))
-        if not self.t.has(stage, self.group):
-            res.status = "missing"
-            return res
-        c = self.t.read(stage, self.group)
-        res.candidate_shape = list(c.shape)
-        if c.dtype.kind not in "fc" or g.dtype.kind not in "fc":
-            res.status, res.note = "not-comparable", f"dtype {c.dtype} vs {g.dtype}: not floating point"
-            return res
-        if c.shape != g.shape:
-            c, res.note = align(c, g, layout_of(stage))
-            if c is None:
-                res.status = "shape-mismatch"
-                res.note = f"candidate shape {res.candidate_shape} vs golden {list(g.shape)}"
+        if g.dtype.kind in "fc":
+            n_bad = self._golden_nonfinite(stage, g)
+            if n_bad:
+                res.status = "golden-nonfinite"
+                res.note = (f"the golden itself has {n_bad} NaN/Inf value(s) in this stage: nothing can be "
+                            "judged against it; re-record the golden")
                 return res
-        self.c_cache[stage] = c
+        if not self.cand.available(stage):
+            res.status = "missing"
+            res.required = self.options.require is not None and self.options.require.matches(stage)
+            return res
+        value = self.cand.read(stage)
+        res.derived = value.derived
+        if self.cand.dumped(stage):
+            res.candidate_shape = list(self.t.dataset(stage, self.group).shape)
+        c = value.array
+        if c is None:
+            res.status = "shape-mismatch" if res.candidate_shape else "not-comparable"
+            res.note = value.note
+            return res
+        if g.dtype.kind not in "fc":
+            res.status, res.note = "not-comparable", f"golden dtype {g.dtype}: not floating point"
+            return res
+        res.note = value.note
         valid = self.valid_for(stage, g)
         if self.t.is_partial(stage):
             valid = valid & self.t.present(stage)
@@ -193,8 +263,8 @@ class _CaseComparison:
             res.error, per_row = row_error(np.where(valid, c, 0.0), np.where(valid, g, 0.0), valid)
             if mask_mismatch:
                 res.error = float("inf")
-        res.drift = drift.get(stage) if drift else None
-        local_rows, evidence = self._local_check(stage, res, c, g)
+        res.drift = drift.chained.get(stage) if drift else None
+        local_rows, evidence = self._local_check(stage, res, c, g, drift)
         res.tolerance = self.options.tolerances.chained_tolerance(stage, res.drift, self.precision,
                                                                   res.local_tolerance)
         res.metrics = stage_metrics(g, c, valid, res.tolerance, mask_mismatch)
@@ -211,45 +281,59 @@ class _CaseComparison:
             with np.errstate(all="ignore"):
                 diff = np.where(valid, c - g, 0.0)
             res.where = describe_where(stage, rows_err, tol, diff, valid, self.config)
-            res.diagnoses = diagnose(evidence, self.ref) if evidence else self._diagnose_chained(stage, c, g, valid, res)
+            if evidence is not None:
+                res.diagnoses = diagnose(evidence, self.ref)
+            elif res.local_error is None:  # no introduced-error check was possible: test against the golden
+                res.diagnoses = self._diagnose_chained(stage, c, g, valid, res)
         res.tables = first8_tables(stage, g, c, valid, per_row, res.tolerance, self.options.token)
         return res
 
     def _scores_masking(self, stage: str, c: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, int, str | None]:
         """Masked entries compare as masked-or-not. Finite candidate scores at masked positions are
-        fine when the candidate's own probs are 0 there (it masked inside its softmax)."""
+        fine when the candidate's own probs are 0 there (it masked inside its softmax, or never wrote
+        the masked entries of its score buffer)."""
         rows = np.broadcast_to(self.rows_for(stage, g), g.shape)
         differs = rows & (is_masked(c) != is_masked(g))
         if not differs.any():
             return c, 0, None
         probs_name = stage.replace("attn.scores", "attn.probs")
         unmasked_where_golden_masks = differs & is_masked(g)
-        if not (differs & ~is_masked(g)).any() and self.t.has(probs_name, self.group):
-            p = self.t.read(probs_name, self.group)
-            if p.shape == g.shape and np.all(np.abs(p[unmasked_where_golden_masks]) <= 1e-6):
-                return np.where(is_masked(g), -np.inf, c), 0, "scores tapped before masking; the candidate's probs " \
-                    "are 0 at every masked position, so its mask is applied inside softmax"
+        if not (differs & ~is_masked(g)).any() and self.cand.dumped(probs_name):
+            p = self.cand.read(probs_name).array
+            if p is not None and p.shape == g.shape and np.all(np.abs(p[unmasked_where_golden_masks]) <= 1e-6):
+                return np.where(is_masked(g), -np.inf, c), 0, "scores dumped without their mask (masked entries " \
+                    "hold finite values); the candidate's probs are 0 at every masked position, so its mask is " \
+                    "applied inside softmax"
         return c, int(differs.sum()), f"{int(differs.sum())} score entries masked differently from the golden"
 
-    def _local_check(self, stage: str, res: StageResult, c: np.ndarray,
-                     g: np.ndarray) -> tuple[np.ndarray | None, StageEvidence | None]:
+    def _local_check(self, stage: str, res: StageResult, c: np.ndarray, g: np.ndarray,
+                     drift: OracleDrift | None) -> tuple[np.ndarray | None, StageEvidence | None]:
         """Error introduced at this stage: candidate vs float64 reference on the inputs it saw.
 
         Fills the local fields of `res`; returns the per-row introduced errors and, when the
         check fails, the evidence diagnosis works from."""
         if (self.ref.needs_weights(stage) and self.weights is None) or self.t.is_partial(stage):
             return None, None
+        inherited = None
         if self.isolated and self.t.has(stage, "isolated"):
             cand, lookup, res.local_source = self.t.read(stage, "isolated"), self.golden_value, "isolated"
             if cand.shape != g.shape:
                 return None, None
         else:
-            cand, lookup, res.local_source = c, self.candidate_input, "chained inputs"
-            try:
-                for name in stage_inputs(stage, self.ref.spec.n_layer):
-                    lookup(name)
-            except KeyError:
-                lookup, res.local_source = self.golden_value, "golden inputs (inputs not in trace)"
+            cand = c
+            sources = self.input_sources(stage)
+            res.inputs = sources
+            golden_in = {n for n, src in sources.items() if src == "golden"}
+            if golden_in:
+                lookup = lambda n: self.golden_value(n) if n in golden_in else self.candidate_input(n)  # noqa: E731
+                res.local_source = f"chained inputs; golden {', '.join(sorted(golden_in))} (not in trace)"
+                inherited = drift.inherited.get(stage) if drift else None
+                if inherited is None:
+                    return None, None  # no measure of what a correct port inherits there: chained rule only
+                res.local_inherited = inherited
+            else:
+                lookup = self.candidate_input
+                res.local_source = "chained inputs" + ("" if "derived" not in sources.values() else " (some derived)")
         inputs = Lookup(lookup)
         with np.errstate(all="ignore"):
             reference = self.ref.evaluate(stage, inputs, self.ids, self.mask, np.float64)
@@ -261,15 +345,29 @@ class _CaseComparison:
                 mask_rows = (np.broadcast_to(rows, cand.shape) & (is_masked(cand) != is_masked(reference))).any(-1)
                 if mask_rows.any():
                     res.local_error, local_rows = float("inf"), np.where(mask_rows, np.inf, local_rows)
+                from tracer.compare.diagnose import scores_distance
+
                 res.local_noise = scores_distance(noisy, reference, rows)
             else:
                 res.local_noise = row_error(noisy, reference, valid_local)[0]
-        res.local_tolerance = self.options.tolerances.local_tolerance(stage, res.local_noise, self.precision)
+            if res.derived:
+                res.local_noise = max(res.local_noise, self._derivation_noise(stage, g, valid_local))
+        res.local_tolerance = self.options.tolerances.local_tolerance(stage, res.local_noise, self.precision,
+                                                                      inherited)
         res.fails_local = not res.local_error <= res.local_tolerance
         if not res.fails_local:
             return local_rows, None
         return local_rows, StageEvidence(stage, cand, reference, inputs, self.ids, self.mask, valid_local, rows,
                                          res.local_error, res.local_tolerance, self.precision)
+
+    def _derivation_noise(self, stage: str, g: np.ndarray, valid: np.ndarray) -> float:
+        """What deriving the stage adds by itself: the derivation applied to golden sources rounded
+        to the candidate's precision (e.g. embed.sum − embed.tok carries the rounding of the sum)."""
+        d = self.cand.derivation(stage)
+        if d is None or d.exact:
+            return 0.0
+        rounded = lambda n: round_to(self.noise_ref.perturb(self.golden_value(n)), self.precision)  # noqa: E731
+        return row_error(self.cand.derive(stage, d, rounded), g, valid)[0]
 
     def _diagnose_chained(self, stage: str, c: np.ndarray, g: np.ndarray, valid: np.ndarray, res: StageResult):
         """No introduced-error data: test hypotheses against the golden on golden inputs."""

@@ -18,129 +18,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from tracer.compare.hypotheses import (
+    ConstantFit,
+    Hypothesis,
+    describe_value,
+    fits_for,
+    hypotheses_for,
+)
 from tracer.compare.metrics import is_masked, row_error
 from tracer.compare.reference import Lookup, Reference, softmax
 from tracer.compare.result import Diagnosis
 from tracer.compare.tolerance import round_to
-from tracer.stages import resid_pre, split_stage
+from tracer.stages import split_stage
 
 LIKELY_FRACTION = 0.3
-
-
-@dataclass(frozen=True)
-class Hypothesis:
-    rule: str
-    bug: str
-    knobs: dict = field(default_factory=dict)
-    same_as: str | None = None   # the stage's value is simply this other stage (a step skipped)
-
-
-def _ln_rules(eps: float, src: str) -> list[Hypothesis]:
-    rules = [
-        Hypothesis("ln.eps-outside-sqrt", "LayerNorm adds eps outside the square root: (x-μ)/(σ+eps)",
-                   {"eps_outside": True}),
-        Hypothesis("ln.unbiased-variance", "LayerNorm uses the unbiased (N-1) variance instead of the biased (N) one",
-                   {"unbiased": True}),
-        Hypothesis("ln.no-mean", "LayerNorm without mean subtraction (RMSNorm)", {"center": False}),
-        Hypothesis("ln.no-affine", "LayerNorm gain and bias not applied", {"affine": False}),
-        Hypothesis("ln.skipped", "LayerNorm skipped: the stage equals its input", same_as=src),
-    ]
-    rules += [Hypothesis("ln.eps", f"LayerNorm eps = {e:g} instead of {eps:g}", {"eps": e})
-              for e in (0.0, 1e-12, 1e-6, 1e-3, 1e-2) if not math.isclose(e, eps)]
-    return rules
-
-
-def _linear_rules(square: bool) -> list[Hypothesis]:
-    rules = [Hypothesis("linear.no-bias", "bias not added", {"drop_bias": True})]
-    if square:
-        rules.append(Hypothesis("linear.untransposed", "Conv1D weight used untransposed (HF Conv1D stores W as "
-                                "[in, out]; the port multiplied by Wᵀ)", {"transpose": True}))
-    return rules
-
-
-def hypotheses_for(stage: str, ref: Reference) -> list[Hypothesis]:
-    """The specific hypotheses of a canonical stage."""
-    i, local = split_stage(stage)
-    s = ref.spec
-    D, C = s.head_dim, s.n_embd
-    b = lambda name: f"blocks.{i}.{name}"  # noqa: E731
-    if local == "embed.tok":
-        return [Hypothesis("embed.id-offset", f"token ids off by {k:+d}", {"id_offset": k}) for k in (1, -1)]
-    if local == "embed.pos":
-        return [Hypothesis("pos.offset", f"positions start at {k} instead of 0", {"pos_offset": k}) for k in (1, -1)]
-    if local == "embed.sum":
-        return [Hypothesis("embed.no-pos", "position embedding (wpe) not added", {"pos_scale": 0.0}),
-                Hypothesis("embed.no-tok", "token embedding not added", {"tok_scale": 0.0}),
-                Hypothesis("embed.scaled", f"token embedding scaled by √C = {math.sqrt(C):.4g}",
-                           {"tok_scale": math.sqrt(C)})]
-    if local == "ln1":
-        return _ln_rules(s.eps, resid_pre(i))
-    if local == "ln2":
-        return _ln_rules(s.eps, b("resid_mid"))
-    if local == "final.ln":
-        return _ln_rules(s.eps, f"blocks.{s.n_layer - 1}.resid_post")
-    if local in ("attn.qkv", "mlp.fc"):
-        return _linear_rules(square=False)
-    if local in ("attn.out", "mlp.out"):
-        return _linear_rules(square=local == "attn.out")
-    if local in ("attn.q", "attn.k", "attn.v"):
-        which = "qkv".index(local[-1])
-        rules = [Hypothesis("qkv.split-order", f"{local} taken from the {'qkv'[j]} slice of c_attn (split order)",
-                            {"order": tuple(j if n == which else n for n in range(3))}) for j in range(3) if j != which]
-        return rules + [Hypothesis("heads.split-layout", "heads split as [T, D, H] instead of [T, H, D]",
-                                   {"dh_swapped": True}),
-                        Hypothesis("qkv.interleaved", "fused qkv read per head as [H, 3, D] (interleaved) instead of "
-                                   "GPT-2's [3, H, D]", {"interleaved": True})]
-    if local == "attn.scores":
-        return [
-            Hypothesis("scores.no-scale", f"missing 1/√D scaling (√D = {math.sqrt(D):g})", {"scale": 1.0}),
-            Hypothesis("scores.scale-1/D", f"scores scaled by 1/D = 1/{D} instead of 1/√D", {"scale": 1.0 / D}),
-            Hypothesis("scores.qk-swapped", "q and k swapped: k·qᵀ (scores transposed before masking)",
-                       {"swap_qk": True}),
-            Hypothesis("mask.off-by-one", "causal mask off by one: query t also sees key t+1", {"mask_shift": 1}),
-            Hypothesis("mask.hides-diagonal", "causal mask off by one: query t cannot see itself",
-                       {"mask_shift": -1}),
-            Hypothesis("mask.missing", "no causal mask: queries attend to future tokens", {"causal": False}),
-        ]
-    if local == "attn.probs":
-        return [Hypothesis("softmax.wrong-axis", "softmax over the query axis instead of the key axis", {"axis": -2})]
-    if local == "attn.ctx":
-        return [Hypothesis("heads.merge-layout", "heads merged as [T, D, H] instead of [T, H, D]",
-                           {"dh_swapped": True}),
-                Hypothesis("ctx.probs-transposed", "attention probs transposed before ·v", {"transpose_probs": True})]
-    if local == "resid_mid":
-        return [Hypothesis("resid.from-normalized", "residual taken from the LayerNorm output ln1 instead of the "
-                           "block input", {"residual_from": b("ln1")}),
-                Hypothesis("resid.missing", "residual connection missing: resid_mid = attn.out",
-                           same_as=b("attn.out"))]
-    if local == "resid_post":
-        return [Hypothesis("resid.from-normalized", "residual taken from the LayerNorm output ln2 instead of "
-                           "resid_mid", {"residual_from": b("ln2")}),
-                Hypothesis("resid.skips-attention", "mlp.out added to the block input, dropping the attention branch",
-                           {"residual_from": resid_pre(i)}),
-                Hypothesis("resid.missing", "residual connection missing: resid_post = mlp.out",
-                           same_as=b("mlp.out"))]
-    if local == "mlp.act":
-        return [Hypothesis("gelu.erf", "exact erf GELU instead of the tanh approximation (gelu_new)",
-                           {"activation": "gelu"}),
-                Hypothesis("gelu.sigmoid", "sigmoid approximation x·σ(1.702x) instead of tanh GELU",
-                           {"activation": "quick_gelu"}),
-                Hypothesis("gelu.relu", "ReLU instead of GELU", {"activation": "relu"})]
-    return []
-
-
-def hypothesis_inputs(stage: str, ref: Reference) -> set[str]:
-    """Stages beyond the data-flow inputs that some hypothesis of `stage` reads."""
-    extra = set()
-    for h in hypotheses_for(stage, ref):
-        extra.update(v for k, v in h.knobs.items() if k == "residual_from")
-        if h.same_as:
-            extra.add(h.same_as)
-    return extra
 
 
 def scores_distance(candidate: np.ndarray, hypothesis: np.ndarray, rows: np.ndarray) -> float:
@@ -190,27 +85,109 @@ def _evidence(before: float, after: float, what: str) -> str:
     return f"{what} reproduces the candidate: error {before:.3g} → {after:.2g}"
 
 
+def _evaluate(ev: StageEvidence, ref: Reference, hyp: Hypothesis) -> np.ndarray:
+    value = ev.inputs(hyp.same_as) if hyp.same_as else ref.evaluate(
+        ev.stage, Lookup(ev.inputs), ev.ids, ev.mask, np.float64, **hyp.knobs)
+    value = np.asarray(value, dtype=np.float64)
+    return round_to(value, hyp.round_output) if hyp.round_output else value
+
+
+def _test(ev: StageEvidence, ref: Reference, hyp: Hypothesis) -> Diagnosis | None:
+    try:
+        value = _evaluate(ev, ref, hyp)
+    except (KeyError, ValueError):
+        return None  # an input the hypothesis needs is not available, or the shapes do not fit
+    after = _distance(ev, value)
+    verdict = _verdict(ev, after)
+    if not verdict:
+        return None
+    return Diagnosis(hyp.rule, hyp.bug, verdict, ev.before, after,
+                     _evidence(ev.before, after, f"re-applying '{hyp.bug}' to the stage's inputs"))
+
+
+def _fit(ev: StageEvidence, ref: Reference, fit: ConstantFit) -> Diagnosis | None:
+    """Fit one constant of the formula to the candidate: best grid value, refined by golden-section
+    search (closed form for a scale), then judged like any hypothesis."""
+    def residual(v: float) -> float:
+        try:
+            value = ref.evaluate(ev.stage, Lookup(ev.inputs), ev.ids, ev.mask, np.float64, **{fit.knob: v})
+        except (KeyError, IndexError, ValueError):
+            return float("inf")
+        return _distance(ev, np.asarray(value, dtype=np.float64))
+
+    if fit.knob == "scale":
+        value = _fit_scale(ev, ref, fit)
+    else:
+        scored = sorted((residual(v), v) for v in fit.grid)
+        value = scored[0][1]
+        if not fit.integer and np.isfinite(scored[0][0]):
+            value = _golden_section(residual, fit.grid, value, fit.log)
+    if value is None or value == fit.default or (not fit.integer and
+                                                 abs(value - fit.default) <= 1e-3 * max(abs(fit.default), 1e-12)):
+        return None
+    after = residual(value)
+    verdict = _verdict(ev, after)
+    if not verdict:
+        return None
+    shown = describe_value(value, fit, ref)
+    default = describe_value(fit.default, fit, ref)
+    return Diagnosis(fit.rule, f"{fit.what} is {shown} instead of {default}", verdict, ev.before, after,
+                     _evidence(ev.before, after, f"fitting the {fit.what} ({shown})"))
+
+
+def _fit_scale(ev: StageEvidence, ref: Reference, fit: ConstantFit) -> float | None:
+    """Least-squares scale of q·kᵀ against the candidate's unmasked scores."""
+    try:
+        raw = ref.evaluate(ev.stage, Lookup(ev.inputs), ev.ids, ev.mask, np.float64, scale=1.0)
+    except KeyError:
+        return None
+    ok = np.broadcast_to(ev.rows, raw.shape) & np.isfinite(raw) & np.isfinite(ev.candidate) & ~is_masked(raw)
+    den = float(np.sum(raw[ok] ** 2))
+    return float(np.sum(raw[ok] * ev.candidate[ok]) / den) if den > 0 else None
+
+
+def _golden_section(f, grid: tuple[float, ...], best: float, log: bool, iters: int = 30) -> float:
+    """Minimise f between the grid neighbours of `best`."""
+    k = grid.index(best)
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    tr = (np.log10, lambda x: 10.0 ** x) if log else (lambda x: x, lambda x: x)
+    a, b = tr[0](lo), tr[0](hi)
+    phi = (math.sqrt(5) - 1) / 2
+    c, d = b - phi * (b - a), a + phi * (b - a)
+    fc, fd = f(tr[1](c)), f(tr[1](d))
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - phi * (b - a)
+            fc = f(tr[1](c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + phi * (b - a)
+            fd = f(tr[1](d))
+    x = tr[1]((a + b) / 2)
+    return x if f(x) <= f(best) else best
+
+
 def diagnose(ev: StageEvidence, ref: Reference) -> list[Diagnosis]:
-    """Specific then generic rules; confirmed first, then likely, best reproduction first."""
+    """Every hypothesis of the stage (definition-derived, fitted constants, generic); reported:
+    the confirmed ones, or — when none is confirmed — the likely ones, best reproduction first."""
     found: list[Diagnosis] = []
     nonfinite = ~np.isfinite(ev.candidate) & ev.valid & np.isfinite(ev.reference)
     if nonfinite.any():
         found += _overflow(ev, nonfinite)
     else:
-        for hyp in hypotheses_for(ev.stage, ref):
-            try:
-                value = ev.inputs(hyp.same_as) if hyp.same_as else ref.evaluate(
-                    ev.stage, Lookup(ev.inputs), ev.ids, ev.mask, np.float64, **hyp.knobs)
-            except KeyError:
-                continue  # an input the hypothesis needs was not tapped
-            after = _distance(ev, np.asarray(value, dtype=np.float64))
-            verdict = _verdict(ev, after)
-            if verdict:
-                found.append(Diagnosis(hyp.rule, hyp.bug, verdict, ev.before, after,
-                                       _evidence(ev.before, after, f"re-applying '{hyp.bug}' to the stage's inputs")))
+        for hyp in hypotheses_for(ev.stage, ref, ev.precision):
+            d = _test(ev, ref, hyp)
+            if d:
+                found.append(d)
+        for fit in fits_for(ev.stage, ref):
+            d = _fit(ev, ref, fit)
+            if d:
+                found.append(d)
         found += _generic(ev, ref)
-    rank = {"confirmed": 0, "likely": 1}
-    found.sort(key=lambda d: (rank[d.verdict], d.rule.startswith("generic."), d.after))
+    if any(d.verdict == "confirmed" for d in found):
+        found = [d for d in found if d.verdict == "confirmed"]
+    found.sort(key=lambda d: (d.rule.startswith("generic."), d.rule.startswith("precision."), d.after))
     return _dedupe(found)[:3]
 
 

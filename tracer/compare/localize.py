@@ -8,6 +8,10 @@ from tracer.compare.result import First8, StageResult
 from tracer.stages import layout_of, split_stage, stage_inputs
 
 
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
 def origin_of(results: list[StageResult], config: dict) -> tuple[str | None, str | None]:
     """The stage that introduces the error, with the reasoning shown to the user.
 
@@ -17,24 +21,51 @@ def origin_of(results: list[StageResult], config: dict) -> tuple[str | None, str
     for s in results:
         if s.fails_local:
             how = {"isolated": "teacher-forced on golden inputs",
-                   "chained inputs": "re-evaluated in float64 on the inputs the candidate tapped"}.get(
-                       s.local_source or "", s.local_source or "")
-            return s.stage, (f"{s.stage} introduces error {s.local_error:.3g} ({how}), {s.local_error / max(s.local_tolerance, 1e-300):.3g}× "
-                             f"its tolerance {s.local_tolerance:.2g}; every earlier stage's introduced error is "
-                             f"within its tolerance")
+                   "chained inputs": "re-evaluated in float64 on the inputs the candidate tapped",
+                   "chained inputs (some derived)": "re-evaluated in float64 on the candidate's inputs, some "
+                                                    "derived from its dump"}.get(s.local_source or "",
+                                                                                 s.local_source or "")
+            derived = f" ({s.stage} derived: {s.derived})" if s.derived else ""
+            return s.stage, (f"{s.stage} introduces error {_num(s.local_error)} ({how}){derived}, "
+                             f"{s.local_error / max(s.local_tolerance, 1e-300):.3g}× its tolerance "
+                             f"{s.local_tolerance:.2g}; every earlier stage's introduced error is within its tolerance")
     by_name = {s.stage: s for s in results}
     n_layer = int(config.get("n_layer", 0))
     for s in results:
         if not s.failed:
             continue
+        if s.status == "golden-nonfinite":
+            return s.stage, f"{s.stage}: {s.note}"
+        if s.status == "shape-mismatch":
+            return s.stage, f"{s.stage} cannot be lined up with the golden: {s.note}"
         inputs = [by_name[n] for n in stage_inputs(s.stage, n_layer) if n in by_name]
         if all(i.status == "pass" for i in inputs):
             names = ", ".join(i.stage for i in inputs) or "the input ids"
-            return s.stage, (f"{s.stage} fails (error {s.error:.3g} > {s.tolerance:.2g}) while every stage it "
+            return s.stage, (f"{s.stage} fails (error {_num(s.error)} > {_num(s.tolerance)}) while every stage it "
                              f"reads from ({names}) passes: the error is introduced here (no introduced-error "
                              "check was possible: the golden has no weights or the trace lacks the inputs)")
     first = next(s for s in results if s.failed)
+    missing = [n for n in stage_inputs(first.stage, n_layer) if n in by_name and by_name[n].status == "missing"]
+    if missing:
+        return first.stage, (f"{first.stage} is the first failing stage; the trace lacks {', '.join(missing)}, so "
+                             f"the error may have been introduced there or at any earlier stage it does not hold")
     return first.stage, f"{first.stage} is the first failing stage; its inputs are not all in the trace"
+
+
+def coverage_of(results: list[StageResult], config: dict) -> dict:
+    """How much of the forward the trace covers: counts, the missing and derived stages, and a note
+    when what is present cannot localize an error."""
+    missing = [s.stage for s in results if s.status == "missing"]
+    derived = [s.stage for s in results if s.derived and s.status != "missing"]
+    compared = [s.stage for s in results if s.status != "missing"]
+    out = {"stages": len(results), "compared": len(compared), "dumped": len(compared) - len(derived),
+           "derived": derived, "missing": missing,
+           "share": round(len(compared) / len(results), 4) if results else 0.0}
+    first_block = [n for n in compared if not n.startswith(("final.", "logits"))]
+    if compared and not first_block:
+        out["note"] = (f"the trace has no stage before {compared[0]}: a divergence there cannot be localized to "
+                       "the stage that introduced it")
+    return out
 
 
 def _ranges(idx: list[int]) -> str:

@@ -60,8 +60,12 @@ def layer_norm(x, w, b, eps, *, unbiased=False, eps_outside=False, center=True, 
     return y * w + b if affine else y
 
 
-def linear(x, w, b=None, *, transpose=False):
+def linear(x, w, b=None, *, transpose=False, round_product: str | None = None):
     y = x @ (w.T if transpose else w)
+    if round_product:  # the matmul's result stored in a lower precision before the bias is added
+        from tracer.compare.tolerance import round_to
+
+        y = round_to(y, round_product)
     return y + b if b is not None else y
 
 
@@ -96,16 +100,23 @@ def softmax(s, axis=-1, *, subtract_max=True):
         return e / e.sum(axis=axis, keepdims=True)
 
 
-def merge_heads(a, *, dh_swapped=False):
+MERGE_ORDER = (2, 1, 3)  # [B,H,T,D] -> memory order [T, H, D], read as [T, C]
+
+
+def merge_heads(a, *, order=MERGE_ORDER):
+    """Heads merged: [B,H,T,D] laid out in memory in axis `order` (a permutation of 1, 2, 3),
+    then read as [B,T,C] — GPT-2's is [T, H, D]; a port's layout slip is another order."""
     B, H, T, D = a.shape
-    if dh_swapped:
-        return a.transpose(0, 2, 3, 1).reshape(B, T, H * D)
-    return a.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    return a.transpose((0, *order)).reshape(B, T, H * D)
 
 
-def gelu(x, kind: str):
+GELU_CUBIC = 0.044715
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x, kind: str, *, cubic: float = GELU_CUBIC, scale: float = GELU_SCALE):
     if kind in GELU_TANH:
-        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1.0 + np.tanh(scale * (x + cubic * x ** 3)))
     if kind == "gelu":
         return gelu_erf(x)
     if kind == "relu":
@@ -164,6 +175,10 @@ class Reference:
                 a = np.where(np.isfinite(a), a * (1 + noise), a)
         return a
 
+    def perturb(self, array: np.ndarray) -> np.ndarray:
+        """`array` in float64 with this reference's input jitter applied."""
+        return self._cast(array, np.float64)
+
     def param(self, name: str, dtype) -> np.ndarray:
         w = self.w[name]
         if self.weight_precision:
@@ -173,8 +188,28 @@ class Reference:
         return np.asarray(w, dtype=dtype)
 
     def needs_weights(self, stage: str) -> bool:
-        return split_stage(stage)[1] in {"embed.tok", "embed.pos", "ln1", "attn.qkv", "attn.out", "ln2",
-                                         "mlp.fc", "mlp.out", "final.ln", "logits"}
+        return bool(self.params_of(stage))
+
+    def params_of(self, stage: str) -> dict[str, str]:
+        """The HF parameters a stage reads, by role ("weight", "bias")."""
+        i, local = split_stage(stage)
+        h = f"transformer.h.{i}"
+        prefix = {"ln1": f"{h}.ln_1", "ln2": f"{h}.ln_2", "final.ln": "transformer.ln_f",
+                  "attn.qkv": f"{h}.attn.c_attn", "attn.out": f"{h}.attn.c_proj", "mlp.fc": f"{h}.mlp.c_fc",
+                  "mlp.out": f"{h}.mlp.c_proj"}.get(local)
+        if prefix:
+            return {"weight": f"{prefix}.weight", "bias": f"{prefix}.bias"}
+        return {"embed.tok": {"weight": "transformer.wte.weight"}, "embed.pos": {"weight": "transformer.wpe.weight"},
+                "logits": {"weight": "transformer.wte.weight"}}.get(local, {})
+
+    def _knob_param(self, name: str, dtype, knobs: dict) -> np.ndarray:
+        """A parameter, or what a hypothesis puts in its place: another parameter's name, or a
+        function of the parameter (dropped, doubled, negated, transposed, rounded)."""
+        swap = knobs.get("params", {}).get(name)
+        if isinstance(swap, str):
+            return self.param(swap, dtype)
+        value = self.param(name, dtype)
+        return np.asarray(swap(value), dtype=dtype) if swap is not None else value
 
     def inputs_of(self, stage: str) -> tuple[str, ...]:
         return stage_inputs(stage, self.spec.n_layer)
@@ -184,8 +219,17 @@ class Reference:
         """Stage `stage` computed in `dtype` from input stages `x` (keyed by canonical name)."""
         i, local = split_stage(stage)
         s = self.spec
-        p = lambda name: self.param(name, dtype)  # noqa: E731
-        get = lambda name: self._cast(x[name], dtype)  # noqa: E731
+        p = lambda name: self._knob_param(name, dtype, knobs)  # noqa: E731
+        rename, low = knobs.get("inputs", {}), knobs.get("round_inputs")
+
+        def get(name: str) -> np.ndarray:
+            value = self._cast(x[rename.get(name, name)], dtype)
+            if low:
+                from tracer.compare.tolerance import round_to
+
+                value = round_to(value, low).astype(dtype)
+            return value
+
         h = f"transformer.h.{i}"
         T = ids.shape[1]
         if local == "embed.tok":
@@ -212,7 +256,8 @@ class Reference:
                 "mlp.out": (f"blocks.{i}.mlp.act", f"{h}.mlp.c_proj"),
             }[local]
             bias = None if knobs.get("drop_bias") else p(f"{prefix}.bias")
-            return linear(get(src), p(f"{prefix}.weight"), bias, transpose=knobs.get("transpose", False))
+            return linear(get(src), p(f"{prefix}.weight"), bias, transpose=knobs.get("transpose", False),
+                          round_product=knobs.get("round_product"))
         if local in ("attn.q", "attn.k", "attn.v"):
             which = "qkv".index(local[-1])
             return split_heads(get(f"blocks.{i}.attn.qkv"), s.n_head, which,
@@ -230,14 +275,14 @@ class Reference:
             probs = get(f"blocks.{i}.attn.probs")
             if knobs.get("transpose_probs"):
                 probs = np.swapaxes(probs, -1, -2)
-            return merge_heads(probs @ get(f"blocks.{i}.attn.v"), dh_swapped=knobs.get("dh_swapped", False))
+            return merge_heads(probs @ get(f"blocks.{i}.attn.v"), order=knobs.get("merge_order", MERGE_ORDER))
         if local == "resid_mid":
             base = get(knobs["residual_from"]) if "residual_from" in knobs else get(resid_pre(i))
             return base + get(f"blocks.{i}.attn.out")
         if local == "mlp.act":
             kind = knobs.get("activation", s.activation)
             fc = get(f"blocks.{i}.mlp.fc")
-            return gelu(fc, kind)
+            return gelu(fc, kind, cubic=knobs.get("gelu_cubic", GELU_CUBIC), scale=knobs.get("gelu_scale", GELU_SCALE))
         if local == "resid_post":
             base = get(knobs["residual_from"]) if "residual_from" in knobs else get(f"blocks.{i}.resid_mid")
             return base + get(f"blocks.{i}.mlp.out")

@@ -14,8 +14,9 @@ from typing import Any
 
 from tracer.compare.metrics import StageMetrics
 
-RESULT_SCHEMA_VERSION = 1
-STATUSES = ("pass", "fail", "missing", "shape-mismatch", "not-comparable")
+RESULT_SCHEMA_VERSION = 2
+STATUSES = ("pass", "fail", "missing", "shape-mismatch", "not-comparable", "golden-nonfinite")
+FAILED_STATUSES = ("fail", "shape-mismatch", "golden-nonfinite")
 
 
 @dataclass
@@ -58,7 +59,11 @@ class StageResult:
     local_error: float | None = None        # error introduced at this stage
     local_noise: float | None = None
     local_tolerance: float | None = None
-    local_source: str | None = None         # "isolated" | "chained inputs" | None
+    local_source: str | None = None         # "isolated" | "chained inputs..." | None
+    local_inherited: float | None = None    # oracle's inherited error where golden inputs stood in
+    inputs: dict[str, str] | None = None    # input stage -> "candidate" | "derived" | "golden"
+    derived: str | None = None              # how the stage was derived from the candidate's dump
+    required: bool = False                  # missing although --require asks for it
     amplification: float | None = None      # error / local_error
     fails_chained: bool = False
     fails_local: bool = False
@@ -70,7 +75,7 @@ class StageResult:
 
     @property
     def failed(self) -> bool:
-        return self.status in ("fail", "shape-mismatch")
+        return self.status in FAILED_STATUSES or (self.status == "missing" and self.required)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class CaseResult:
     first_divergence: str | None = None
     origin: str | None = None
     origin_reasoning: str | None = None
+    coverage: dict[str, Any] = field(default_factory=dict)   # see localize.coverage_of
 
     def stage(self, name: str) -> StageResult:
         for s in self.stages:
@@ -146,7 +152,7 @@ class CompareResult:
                 s["tables"] = [First8(**x) for x in s.get("tables", [])]
                 stages.append(StageResult(**s))
             cases.append(CaseResult(c["case"], stages, c.get("first_divergence"), c.get("origin"),
-                                    c.get("origin_reasoning")))
+                                    c.get("origin_reasoning"), c.get("coverage") or {}))
         return cls(golden=d["golden"], trace=d["trace"], golden_meta=d["golden_meta"], trace_meta=d["trace_meta"],
                    tolerance=d["tolerance"], cases=cases, first_divergence=d.get("first_divergence"),
                    origin=d.get("origin"), regressions=[Regression(**r) for r in d.get("regressions", [])],

@@ -35,6 +35,7 @@ class CompareRequest:
     reports: dict[str, Path] = field(default_factory=dict)   # fmt -> path (json, html, md, junit)
     baseline: Path | None = None
     update_baseline: bool = False
+    require: str | None = None
     log_format: bool = False
     verbose: bool = False
     quiet: bool = False
@@ -74,7 +75,8 @@ def run_compare(req: CompareRequest) -> CompareResult:
             else:
                 trace = StageFile.open(req.trace)
                 cleanup = trace.close
-            options = CompareOptions(tolerances, selector, req.token, [req.case] if req.case else None)
+            options = CompareOptions(tolerances, selector, req.token, [req.case] if req.case else None,
+                                     require_selector(req.require, golden))
             result = compare(golden, trace, options,
                              progress=partial(track, description="comparing", quiet=req.quiet))
     finally:
@@ -93,6 +95,17 @@ def run_compare(req: CompareRequest) -> CompareResult:
     elif req.update_baseline:
         raise TracerError("--update-baseline needs --baseline FILE")
     return result
+
+
+def require_selector(spec: str | None, golden: Golden) -> StageSelector | None:
+    """`--require all` or globs: the stages a trace must hold (a glob matching no stage is an error)."""
+    if not spec:
+        return None
+    if spec.strip() == "all":
+        return StageSelector(("*",))
+    selector = StageSelector.parse(spec)
+    selector.select(golden.case(golden.case_names()[0]).stages(), what="stage for --require")
+    return selector
 
 
 def _warn(message: str) -> None:

@@ -133,11 +133,13 @@ class Tolerances:
                 hit = float(value)
         return hit
 
-    def local_tolerance(self, stage: str, noise: float, precision: str) -> float:
+    def local_tolerance(self, stage: str, noise: float, precision: str, inherited: float | None = None) -> float:
+        """`margin_local` × the stage's own noise — or, when the check had to take some inputs from
+        the golden, × the error a correct port inherits there (the oracle's, see `oracle`)."""
         override = self.override_for(stage, "local")
         if override is not None:
             return override
-        return max(self.margin_local * noise, FLOOR_LOCAL[precision])
+        return max(self.margin_local * max(noise, inherited or 0.0), FLOOR_LOCAL[precision])
 
     def chained_tolerance(self, stage: str, drift: float | None, precision: str, local_tol: float | None) -> float:
         override = self.override_for(stage, "chained")

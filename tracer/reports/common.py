@@ -22,9 +22,12 @@ NEAR_MISS = 3.0
 BAR_LOG_LO, BAR_LOG_HI = -3.0, 6.0
 TOL_FRACTION = -BAR_LOG_LO / (BAR_LOG_HI - BAR_LOG_LO)
 
-STATUS_GLYPH = {"pass": "✓", "fail": "✗", "missing": "–", "shape-mismatch": "≠", "not-comparable": "?"}
+STATUS_GLYPH = {"pass": "✓", "fail": "✗", "missing": "–", "shape-mismatch": "≠", "not-comparable": "?",
+                "golden-nonfinite": "!"}
 STATUS_STYLE = {"pass": "green", "fail": "red", "missing": "yellow", "shape-mismatch": "red",
-                "not-comparable": "yellow"}
+                "not-comparable": "yellow", "golden-nonfinite": "red"}
+DERIVED_MARK = "°"  # after a stage name: derived from the candidate's dump, not dumped itself
+MISSING_SHOWN = 6
 STATUS_COLOR = {"green": "#1a7f37", "red": "#cf222e", "yellow": "#9a6700"}  # the same, for HTML/SVG
 
 
@@ -137,6 +140,39 @@ def block_label(stage: str) -> str:
 
 def local_name(stage: str) -> str:
     return split_stage(stage)[1]
+
+
+def shown_name(s: StageResult) -> str:
+    """The local stage name, marked when the stage was derived from the dump."""
+    return local_name(s.stage) + (DERIVED_MARK if s.derived else "")
+
+
+def coverage_line(case: CaseResult) -> str:
+    """'coverage 30 of 35 stages (86%), 7 derived°; missing: embed.pos, … (+3)' and any localization note."""
+    cov = case.coverage
+    if not cov:
+        return ""
+    text = f"coverage {cov['compared']} of {cov['stages']} stages ({100 * cov['share']:.0f}%)"
+    if cov.get("derived"):
+        text += f", {len(cov['derived'])} derived{DERIVED_MARK} from the dump"
+    missing = cov.get("missing") or []
+    if missing:
+        required = {s.stage for s in case.stages if s.status == "missing" and s.required}
+        names = [n + (" (required)" if n in required else "") for n in missing[:MISSING_SHOWN]]
+        more = f", … (+{len(missing) - MISSING_SHOWN})" if len(missing) > MISSING_SHOWN else ""
+        text += f"; missing: {', '.join(names)}{more}"
+    if cov.get("note"):
+        text += f". Note: {cov['note']}"
+    return text
+
+
+def inputs_line(s: StageResult) -> str:
+    """Where the introduced-error check took each input from, when not all from the candidate's dump."""
+    if not s.inputs or all(src == "candidate" for src in s.inputs.values()):
+        return ""
+    return ", ".join(f"{local_name(n)}: {src}" for n, src in s.inputs.items()) + (
+        f" (golden inputs: allowance for inherited drift {fmt_num(s.local_inherited)})"
+        if s.local_inherited is not None else "")
 
 
 @dataclass
@@ -261,6 +297,8 @@ def verdict_line(result: CompareResult) -> str:
     if result.passed:
         worst = max(((worst_ratio(s) or 0.0, s.stage) for c in result.cases for s in c.stages), default=(0.0, ""))
         extra = "".join(f", {counts[k]} {k}" for k in ("missing", "not-comparable") if counts[k])
+        derived = sum(1 for c in result.cases for s in c.stages if s.derived and s.status == "pass")
+        extra += f" ({derived} derived from the dump)" if derived else ""
         return (f"PASS: {counts['pass']} of {total} stages within tolerance over {ncases} case"
                 f"{'s' * (ncases != 1)}{extra}" + (f"; closest: {worst[1]} at {fmt_ratio(worst[0])} its tolerance"
                                                      if worst[1] else ""))
@@ -277,7 +315,7 @@ def verdict_line(result: CompareResult) -> str:
     if result.regressions:
         parts.append(f"{len(result.regressions)} regression{'s' * (len(result.regressions) != 1)} against "
                      f"the baseline")
-    nfail = counts["fail"] + counts["shape-mismatch"]
+    nfail = sum(1 for c in result.cases for s in c.stages if s.failed)
     return f"FAIL: {nfail} of {total} stages out of tolerance; " + "; ".join(parts)
 
 
@@ -289,6 +327,10 @@ def failure_message(s: StageResult) -> str:
     """One line for a failing stage: numbers, where, top diagnosis."""
     if s.status == "shape-mismatch":
         return f"shape mismatch: {s.note or ''}".strip()
+    if s.status == "golden-nonfinite":
+        return s.note or "the golden has NaN/Inf values"
+    if s.status == "missing":
+        return "missing from the trace, and --require asks for it"
     parts = [f"error {fmt_num(s.error)} > tolerance {fmt_num(s.tolerance)}" if s.fails_chained
              else f"error {fmt_num(s.error)} (tolerance {fmt_num(s.tolerance)})"]
     if s.fails_local:

@@ -12,10 +12,27 @@ import math
 from html import escape
 
 from tracer.compare.result import CaseResult, CompareResult, First8, StageResult
-from tracer.reports.common import (STATUS_COLOR, STATUS_GLYPH, STATUS_STYLE, backend_line, bar_fraction,
-                                   chained_ratio, fmt_num, fmt_ratio, focus_stages, group_by_block, is_inherited,
-                                   local_name, other_origins, out_of_tolerance, passing_tolerance_line,
-                                   table_label, verdict_line)
+from tracer.reports.common import (
+    STATUS_COLOR,
+    STATUS_GLYPH,
+    STATUS_STYLE,
+    backend_line,
+    bar_fraction,
+    chained_ratio,
+    coverage_line,
+    fmt_num,
+    fmt_ratio,
+    focus_stages,
+    group_by_block,
+    inputs_line,
+    is_inherited,
+    other_origins,
+    out_of_tolerance,
+    passing_tolerance_line,
+    shown_name,
+    table_label,
+    verdict_line,
+)
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1180px;color:#1f2328;
@@ -129,7 +146,8 @@ def _regressions(result: CompareResult) -> str:
 
 
 def _case_section(case: CaseResult) -> str:
-    parts = [f"<h2>Case {escape(case.case)}</h2>", plot_svg(case), _stage_table(case)]
+    parts = [f"<h2>Case {escape(case.case)}</h2>", f"<p>{escape(coverage_line(case))}</p>", plot_svg(case),
+             _stage_table(case)]
     if case.first_divergence:
         parts.append(_divergence(case))
     return "\n".join(parts)
@@ -292,7 +310,7 @@ def _stage_table(case: CaseResult) -> str:
             cls = ' class="focus"' if s.stage in focus else ""
             status = s.status + (" (inherited)" if is_inherited(s) else "")
             rows.append(
-                f'<tr{cls} id="row-{_anchor(case.case, s.stage)}"><td><code>{escape(local_name(s.stage))}</code></td>'
+                f'<tr{cls} id="row-{_anchor(case.case, s.stage)}"><td><code>{escape(shown_name(s))}</code></td>'
                 f'<td class="st-{escape(s.status)}">{escape(STATUS_GLYPH[s.status])} {escape(status)}</td>'
                 f'<td class="n">{fmt_num(s.error)}</td><td class="n">{fmt_num(s.tolerance)}</td>'
                 f'<td class="n">{fmt_num(s.local_error)}</td><td class="n">{fmt_num(s.local_tolerance)}</td>'
@@ -323,8 +341,12 @@ def _stage_detail(case: CaseResult, s: StageResult) -> str:
                                   f"{s.local_source or 'not checked'})"))]
     if s.where:
         rows.append(("where", escape(s.where)))
+    if s.derived:
+        rows.append(("derived", escape(f"not in the dump: {s.derived}")))
     if s.note:
         rows.append(("note", escape(s.note)))
+    if inputs_line(s):
+        rows.append(("inputs", escape(inputs_line(s))))
     line = passing_tolerance_line(s)
     if line:
         rows.append(("would pass at", escape(line)))

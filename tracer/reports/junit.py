@@ -11,7 +11,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 from tracer.compare.result import CaseResult, CompareResult, Regression, StageResult
-from tracer.reports.common import failure_message, passing_tolerance_line
+from tracer.reports.common import coverage_line, failure_message, passing_tolerance_line
 
 
 def render_junit(result: CompareResult) -> str:
@@ -30,6 +30,8 @@ def render_junit(result: CompareResult) -> str:
 
 def _suite(parent: ET.Element, name: str, case: CaseResult | None, regressions: list[Regression]) -> None:
     suite = ET.SubElement(parent, "testsuite", name=name)
+    if case is not None and coverage_line(case):
+        ET.SubElement(ET.SubElement(suite, "properties"), "property", name="coverage", value=coverage_line(case))
     for s in case.stages if case else []:
         _stage_case(suite, name, s, case)
     for r in regressions:
@@ -51,6 +53,8 @@ def _stage_case(suite: ET.Element, classname: str, s: StageResult, case: CaseRes
         if line:
             lines.append(f"would pass at {line}")
         lines += [f"diagnosis ({d.verdict}): {d.bug} [{d.rule}]: {d.evidence}" for d in s.diagnoses]
+        if s.derived:
+            lines.append(f"derived: not in the dump: {s.derived}")
         if s.note:
             lines.append(f"note: {s.note}")
         failure.text = "\n".join(lines)

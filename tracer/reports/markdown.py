@@ -8,9 +8,23 @@ table of the origin stage.
 from __future__ import annotations
 
 from tracer.compare.result import CaseResult, CompareResult, First8, StageResult
-from tracer.reports.common import (Run, backend_line, chained_ratio, collapse, fmt_num, fmt_ratio, focus_stages,
-                                   group_by_block, is_inherited, other_origins, out_of_tolerance,
-                                   passing_tolerance_line, table_label, verdict_line)
+from tracer.reports.common import (
+    Run,
+    backend_line,
+    chained_ratio,
+    collapse,
+    coverage_line,
+    fmt_num,
+    fmt_ratio,
+    focus_stages,
+    group_by_block,
+    is_inherited,
+    other_origins,
+    out_of_tolerance,
+    passing_tolerance_line,
+    table_label,
+    verdict_line,
+)
 
 
 def _cell(text: str) -> str:
@@ -24,6 +38,8 @@ def render_markdown(result: CompareResult) -> str:
              f"golden `{result.golden}` · trace `{result.trace}` · backend {backend_line(result)} · "
              f"tolerance {result.tolerance}", ""]
     for case in result.cases:
+        if coverage_line(case):
+            lines += [f"- case `{case.case}`: {_cell(coverage_line(case))}", ""]
         if case.first_divergence:
             lines += _case(case, multi=len(result.cases) > 1)
     if result.regressions:

@@ -14,10 +14,31 @@ from rich.table import Table
 from rich.text import Text
 
 from tracer.compare.result import CaseResult, CompareResult, First8, StageResult
-from tracer.reports.common import (STATUS_GLYPH, STATUS_STYLE, TOL_FRACTION, Run, backend_line, bar_fraction,
-                                   chained_ratio, collapse, failing, fmt_num, fmt_ratio, focus_stages,
-                                   group_by_block, local_name, other_origins, out_of_tolerance,
-                                   passing_tolerance_line, seed_line, table_label, verdict_line)
+from tracer.reports.common import (
+    DERIVED_MARK,
+    STATUS_GLYPH,
+    STATUS_STYLE,
+    TOL_FRACTION,
+    Run,
+    backend_line,
+    bar_fraction,
+    chained_ratio,
+    collapse,
+    coverage_line,
+    failing,
+    fmt_num,
+    fmt_ratio,
+    focus_stages,
+    group_by_block,
+    inputs_line,
+    other_origins,
+    out_of_tolerance,
+    passing_tolerance_line,
+    seed_line,
+    shown_name,
+    table_label,
+    verdict_line,
+)
 from tracer.stages import StageSelector
 
 BAR_WIDTH = 10
@@ -58,6 +79,9 @@ def _header(result: CompareResult) -> Panel:
     grid.add_row("backend", backend_line(result))
     grid.add_row("dtype", f"golden {g.get('dtype', '—')}, trace {t.get('dtype', '—')}")
     grid.add_row("tolerance", result.tolerance)
+    if t.get("foreign_unmatched"):
+        grid.add_row("unmatched", Text(f"arrays of the dump matching no stage (left out): {t['foreign_unmatched']}",
+                                       style="yellow"))
     if result.baseline:
         grid.add_row("baseline", result.baseline)
     return Panel(grid, title="tracer compare", title_align="left", expand=False)
@@ -67,9 +91,10 @@ def _print_verdict(result: CompareResult, console: Console) -> None:
     line = verdict_line(result)
     style = "bold green" if result.passed else "bold red"
     console.print(Text(line, style=style))
-    if result.passed:
-        for case in result.cases:
-            console.print(Text(f"  {case.case}: {len(case.stages)} stages", style="green"))
+    for case in result.cases:
+        line = coverage_line(case)
+        if line:
+            console.print(Text(f"  {case.case}: {line}", style="green" if result.passed else "yellow"))
 
 
 # -- stage table ---------------------------------------------------------------------------------
@@ -97,7 +122,7 @@ def _glyph(status: str, suffix: str = "") -> Text:
 
 def _stage_table(case: CaseResult, rows: list[StageResult], verbose: bool) -> Table:
     keep = {n for n in (case.first_divergence, case.origin) if n}
-    legend = "  ".join(f"{g} {k}" for k, g in STATUS_GLYPH.items())
+    legend = "  ".join(f"{g} {k}" for k, g in STATUS_GLYPH.items()) + f"  {DERIVED_MARK} derived"
     table = Table(title=f"case {case.case}", title_justify="left", title_style="bold", box=None, pad_edge=False,
                   show_edge=False, header_style="bold", padding=(0, 1), caption=legend, caption_justify="left",
                   caption_style="dim")
@@ -117,7 +142,7 @@ def _stage_table(case: CaseResult, rows: list[StageResult], verbose: bool) -> Ta
 
 
 def _add_stage(table: Table, s: StageResult, keep: set[str]) -> None:
-    name = Text(" " + local_name(s.stage), style="bold" if s.stage in keep else "")
+    name = Text(" " + shown_name(s), style="bold" if s.stage in keep else "")
     local = Text(fmt_num(s.local_error), style="bold red" if s.fails_local else "")
     error = Text(fmt_num(s.error), style="red" if s.fails_chained else "")
     ampl = fmt_ratio(s.amplification) if s.amplification is not None else "—"
@@ -161,8 +186,12 @@ def _stage_detail(s: StageResult, token: int | None) -> list:
     facts.add_column(overflow="fold")
     if s.where:
         facts.add_row("where", s.where)
+    if s.derived:
+        facts.add_row("derived", f"not in the dump: {s.derived}")
     if s.note:
         facts.add_row("note", s.note)
+    if inputs_line(s):
+        facts.add_row("inputs", inputs_line(s))
     line = passing_tolerance_line(s)
     if line:
         facts.add_row("would pass at", line)

@@ -213,10 +213,10 @@ class StageData:
         if cds.shape == gds.shape:
             return cds[index], None
         # Stored in another layout: the whole stage is needed to line it up (foreign dumps only).
-        aligned, note = align(cds[()], gds[()], layout)
-        if aligned is None:
-            return None, f"candidate shape {list(cds.shape)} vs golden {list(gds.shape)}"
-        return aligned[index], note
+        aligned = align(cds[()], gds[()], layout)
+        if aligned.array is None:
+            return None, aligned.note
+        return aligned.array[index], aligned.note
 
     def _valid(self, layout: str, shape: tuple[int, ...], b: int, piece: tuple[int, ...]) -> np.ndarray:
         """Compared cells: rows of real tokens. For scores every key of such a row counts, so a
