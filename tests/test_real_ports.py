@@ -103,7 +103,7 @@ def c_dump(out_dir: Path) -> dict[str, np.ndarray]:
 def golden():
     with Golden.open(GOLDEN) as g:
         case = g.case(CASE)
-        yield {"n_layer": g.n_layer, "vocab": g.model_config["vocab_size"],
+        yield {"n_layer": g.n_layer, "n_head": g.model_config["n_head"], "vocab": g.model_config["vocab_size"],
                "stages": {name: case.read(name) for name in case.stages()}}
 
 
@@ -116,14 +116,17 @@ def c_binary(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def correct_dumps(c_binary, golden, tmp_path_factory):
-    """Correct runs of each port kind, shared by the bug tests."""
-    tmp = tmp_path_factory.mktemp("correct")
-    return {
-        "c": c_dump(run_c_port(GOLDEN, tmp / "c", case=CASE)),
-        "c-full": c_dump(run_c_port(GOLDEN, tmp / "c-full", case=CASE, with_qkv=True, with_pos=True)),
-        "numpy": canonical_numpy_dump(run_numpy_style_port(GOLDEN, tmp / "numpy", case=CASE)[0], golden["n_layer"]),
-    }
+def c_correct(c_binary, tmp_path_factory):
+    """Correct C runs: default dump ("c") and with q/k/v and embed.pos ("c-full")."""
+    tmp = tmp_path_factory.mktemp("c_correct")
+    return {"c": c_dump(run_c_port(GOLDEN, tmp / "c", case=CASE)),
+            "c-full": c_dump(run_c_port(GOLDEN, tmp / "c-full", case=CASE, with_qkv=True, with_pos=True))}
+
+
+@pytest.fixture(scope="module")
+def numpy_correct(golden, tmp_path_factory):
+    npz, _ = run_numpy_style_port(GOLDEN, tmp_path_factory.mktemp("numpy_correct"), case=CASE)
+    return canonical_numpy_dump(npz, golden["n_layer"])
 
 
 def assert_matches_golden(dump: dict[str, np.ndarray], golden_stages: dict[str, np.ndarray], masked_value,
@@ -138,8 +141,8 @@ def assert_matches_golden(dump: dict[str, np.ndarray], golden_stages: dict[str, 
         assert rel_diff(value, want) < GOLDEN_RTOL, f"{stage}: {rel_diff(value, want):.2e}"
 
 
-def test_c_port_reproduces_the_golden(golden, correct_dumps):
-    full, default = correct_dumps["c-full"], correct_dumps["c"]
+def test_c_port_reproduces_the_golden(golden, c_correct):
+    full, default = c_correct["c-full"], c_correct["c"]
     expected = set(canonical_stages(golden["n_layer"]))
     assert set(full) == expected
     assert set(default) == {s for s in expected if not s.endswith(("attn.q", "attn.k", "attn.v", "embed.pos"))}
@@ -149,8 +152,8 @@ def test_c_port_reproduces_the_golden(golden, correct_dumps):
     assert np.abs(logits - golden["stages"]["logits"]).max() / np.abs(golden["stages"]["logits"]).max() < 1e-5
 
 
-def test_c_port_options_change_only_the_form(golden, correct_dumps, tmp_path):
-    full, H, V = correct_dumps["c-full"], 4, golden["vocab"]
+def test_c_port_options_change_only_the_form(golden, c_correct, tmp_path):
+    full, H, V = c_correct["c-full"], golden["n_head"], golden["vocab"]
     dumped = c_dump(run_c_port(GOLDEN, tmp_path / "a", case=CASE, with_qkv=True, f64=True, no_batch=True,
                                scores_tth=True, pad_vocab=V + 44))
     for stage, value in dumped.items():
@@ -165,8 +168,8 @@ def test_c_port_options_change_only_the_form(golden, correct_dumps, tmp_path):
         np.testing.assert_array_equal(value, ref, err_msg=stage)
 
 
-def test_numpy_style_port_reproduces_the_golden(golden, correct_dumps, tmp_path):
-    dump = correct_dumps["numpy"]
+def test_numpy_style_port_reproduces_the_golden(golden, numpy_correct, tmp_path):
+    dump = numpy_correct
     expected = set(canonical_stages(golden["n_layer"]))
     assert set(dump) == expected
     assert all(v.dtype == np.float32 for v in dump.values())
@@ -183,8 +186,19 @@ def test_catalog_entries_are_well_formed():
     stages = set(canonical_stages(4))
     for bug in CATALOG:
         assert bug.cause in CAUSES and bug.layer in LAYERS and bug.ports, bug.name
-        assert all(bug._fill(s, 4, None) in stages for s in bug.stages), bug.name
+        assert all(template.format(i=3) in stages for template in bug.stages), bug.name
     assert {bug.cause for bug in CATALOG} == set(CAUSES)
+
+
+def test_unknown_bug_names_are_refused(c_binary, tmp_path):
+    """A misspelt bug must never give a silently correct run."""
+    typo = PortBug("gelu-coeff", "misspelt", "constant", "all", ("blocks.{i}.mlp.act",))
+    with pytest.raises(RuntimeError, match="unknown bug: gelu-coeff"):
+        run_c_port(GOLDEN, tmp_path / "c", case=CASE, bug=typo)
+    with pytest.raises(ValueError, match="unknown bug"):
+        run_numpy_style_port(GOLDEN, tmp_path / "numpy", case=CASE, bug=typo)
+    with pytest.raises(KeyError, match="unknown port bug"):
+        run_c_port(GOLDEN, tmp_path / "c2", case=CASE, bug="gelu-coeff")
 
 
 def bug_cases():
@@ -195,14 +209,15 @@ def bug_cases():
 
 
 @pytest.mark.parametrize("kind,bug", list(bug_cases()))
-def test_bug_is_introduced_where_the_catalog_says(kind: str, bug: PortBug, golden, correct_dumps, tmp_path):
+def test_bug_is_introduced_where_the_catalog_says(kind: str, bug: PortBug, golden, request, tmp_path):
     n_layer = golden["n_layer"]
     if kind == "numpy":
+        correct = request.getfixturevalue("numpy_correct")
         buggy = canonical_numpy_dump(run_numpy_style_port(GOLDEN, tmp_path, case=CASE, bug=bug.name)[0], n_layer)
     else:
+        correct = request.getfixturevalue("c_correct")[kind]
         full = kind == "c-full"
         buggy = c_dump(run_c_port(GOLDEN, tmp_path, case=CASE, bug=bug.name, with_qkv=full, with_pos=full))
-    correct = correct_dumps[kind]
     assert set(buggy) == set(correct)
     stage = bug.introduced_at(n_layer, correct)
     if set(correct) == set(canonical_stages(n_layer)):

@@ -39,19 +39,20 @@ class PortBug:
         """The block the bug is applied to, as the ports' `bug_layer` takes it (-1: every block)."""
         return {"first": 0, "last": n_layer - 1}.get(self.layer, -1)
 
-    def _fill(self, template: str, n_layer: int, layer: int | None) -> str:
+    def fill(self, template: str, n_layer: int, layer: int | None = None) -> str:
+        """`template` with `{i}` replaced by the bug's block (block 0 for an every-block bug)."""
         block = self.layer_index(n_layer) if layer is None else layer
         return template.format(i=max(block, 0))
 
     def stage(self, n_layer: int, layer: int | None = None) -> str:
         """Where a dump of every canonical stage shows the error first (`layer` overrides the entry's block)."""
-        return self._fill(self.stages[0], n_layer, layer)
+        return self.fill(self.stages[0], n_layer, layer)
 
     def introduced_at(self, n_layer: int, dumped: Iterable[str], layer: int | None = None) -> str:
         """The first stage of `stages` that the dump holds: where that dump shows the error first."""
         present = set(dumped)
         for template in self.stages:
-            stage = self._fill(template, n_layer, layer)
+            stage = self.fill(template, n_layer, layer)
             if stage in present:
                 return stage
         raise ValueError(f"{self.name}: none of {self.stages} is in the dump")
