@@ -37,7 +37,7 @@ from tracer.stages import split_stage
 from tracer.store import StageFile
 
 SCHEMA = Path(__file__).resolve().parents[1] / "tracer" / "reports" / "result.schema.json"
-MISSING, WRONG_SHAPE, INTEGER = "blocks.1.attn.v", "blocks.1.mlp.fc", "logits"
+MISSING, WRONG_SHAPE, INTEGER = "blocks.1.attn.ctx", "blocks.1.mlp.fc", "logits"
 
 
 class TamperedNumpy(NumpyBackend):

@@ -29,12 +29,12 @@ class Alignment:
 
 
 def _distance(c: np.ndarray, g: np.ndarray) -> float:
-    """1 − |cosine| over elements finite on both sides (masked scores excluded).
+    """1 − |cosine| over the golden's unmasked elements (a candidate masked there counts as 0).
 
     Scale-free, so a layout is still recognised when the values also carry a scale bug."""
     with np.errstate(all="ignore"):
-        ok = np.isfinite(g) & np.isfinite(c) & (g > -1e3)
-        a = np.where(ok, c, 0.0).astype(np.float64).ravel()
+        ok = np.isfinite(g) & (g > -1e3)   # compared where the golden is not masked ...
+        a = np.where(ok & np.isfinite(c) & (c > -1e3), c, 0.0).astype(np.float64).ravel()  # ... masked c counts as 0
         b = np.where(ok, g, 0.0).astype(np.float64).ravel()
         den = float(np.linalg.norm(a) * np.linalg.norm(b))
         return 1.0 - abs(float(a @ b)) / den if den > 0 else 1.0

@@ -130,7 +130,7 @@ class _CaseComparison:
         # An isolated-only trace has no chained values: its teacher-forced values stand in for them.
         self.group = "stages" if trace.stages("stages") or not self.isolated else "isolated"
         self.g_cache: dict[str, np.ndarray] = {}
-        self.cand = CandidateStages(trace, self.group, self.golden_value, ref, self.ids, self.mask,
+        self.cand = CandidateStages(trace, self.group, golden, self.golden_value, ref, self.ids, self.mask,
                                     weights is not None)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -159,10 +159,8 @@ class _CaseComparison:
         """Where each input of the stage's introduced-error check comes from: candidate, derived, golden."""
         out = {}
         for name in stage_inputs(stage, self.ref.spec.n_layer):
-            if self.cand.dumped(name) and not self.t.is_partial(name):
-                out[name] = "candidate"
-            elif self.cand.available(name):
-                out[name] = "derived"
+            if self.cand.available(name):
+                out[name] = "candidate" if self.cand.dumped(name) else "derived"
             else:
                 out[name] = "golden"
         return out
@@ -229,7 +227,7 @@ class _CaseComparison:
                 res.note = (f"the golden itself has {n_bad} NaN/Inf value(s) in this stage: nothing can be "
                             "judged against it; re-record the golden")
                 return res
-        if not self.cand.available(stage):
+        if not (self.cand.dumped(stage) or self.cand.available(stage)):
             res.status = "missing"
             res.required = self.options.require is not None and self.options.require.matches(stage)
             return res
@@ -239,7 +237,7 @@ class _CaseComparison:
             res.candidate_shape = list(self.t.dataset(stage, self.group).shape)
         c = value.array
         if c is None:
-            res.status = "shape-mismatch" if res.candidate_shape else "not-comparable"
+            res.status = "shape-mismatch" if value.floating else "not-comparable"
             res.note = value.note
             return res
         if g.dtype.kind not in "fc":
@@ -289,22 +287,25 @@ class _CaseComparison:
         return res
 
     def _scores_masking(self, stage: str, c: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, int, str | None]:
-        """Masked entries compare as masked-or-not. Finite candidate scores at masked positions are
-        fine when the candidate's own probs are 0 there (it masked inside its softmax, or never wrote
-        the masked entries of its score buffer)."""
-        rows = np.broadcast_to(self.rows_for(stage, g), g.shape)
-        differs = rows & (is_masked(c) != is_masked(g))
-        if not differs.any():
-            return c, 0, None
+        """Masked entries compare as masked-or-not. A port that masks inside its softmax, or never
+        writes the masked entries of its score buffer, dumps finite scores there: where its own
+        probs are exactly 0 the key was masked, whatever the score buffer holds."""
+        masked = is_masked(c)
+        note = None
         probs_name = stage.replace("attn.scores", "attn.probs")
-        unmasked_where_golden_masks = differs & is_masked(g)
-        if not (differs & ~is_masked(g)).any() and self.cand.dumped(probs_name):
+        if self.cand.dumped(probs_name):
             p = self.cand.read(probs_name).array
-            if p is not None and p.shape == g.shape and np.all(np.abs(p[unmasked_where_golden_masks]) <= 1e-6):
-                return np.where(is_masked(g), -np.inf, c), 0, "scores dumped without their mask (masked entries " \
-                    "hold finite values); the candidate's probs are 0 at every masked position, so its mask is " \
-                    "applied inside softmax"
-        return c, int(differs.sum()), f"{int(differs.sum())} score entries masked differently from the golden"
+            if p is not None and p.shape == g.shape:
+                unwritten = ~masked & (p == 0)
+                if unwritten.any():
+                    masked = masked | unwritten
+                    note = ("scores dumped without their mask (finite values at masked keys); the keys the "
+                            "candidate's probs give exactly 0 are taken as masked")
+        c = np.where(masked, -np.inf, c)
+        differs = np.broadcast_to(self.rows_for(stage, g), g.shape) & (masked != is_masked(g))
+        if differs.any():
+            note = f"{int(differs.sum())} score entries masked differently from the golden"
+        return c, int(differs.sum()), note
 
     def _local_check(self, stage: str, res: StageResult, c: np.ndarray, g: np.ndarray,
                      drift: OracleDrift | None) -> tuple[np.ndarray | None, StageEvidence | None]:
@@ -357,8 +358,9 @@ class _CaseComparison:
         res.fails_local = not res.local_error <= res.local_tolerance
         if not res.fails_local:
             return local_rows, None
+        derived = frozenset(n for n, src in (res.inputs or {}).items() if src == "derived")
         return local_rows, StageEvidence(stage, cand, reference, inputs, self.ids, self.mask, valid_local, rows,
-                                         res.local_error, res.local_tolerance, self.precision)
+                                         res.local_error, res.local_tolerance, self.precision, derived)
 
     def _derivation_noise(self, stage: str, g: np.ndarray, valid: np.ndarray) -> float:
         """What deriving the stage adds by itself: the derivation applied to golden sources rounded

@@ -71,14 +71,16 @@ class CandidateValue:
     array: np.ndarray | None
     note: str | None = None          # layout conversion, or why it does not fit
     derived: str | None = None       # how it was derived, when it was
+    floating: bool = True            # False: not floating-point data (not comparable at all)
 
 
 class CandidateStages:
     """Read access to the candidate's stages of one case, aligned and completed by derivation."""
 
-    def __init__(self, trace: CaseView, group: str, golden_value: Read, ref: Reference, ids: np.ndarray,
-                 mask: np.ndarray, has_weights: bool):
+    def __init__(self, trace: CaseView, group: str, golden: CaseView, golden_value: Read, ref: Reference,
+                 ids: np.ndarray, mask: np.ndarray, has_weights: bool):
         self.t, self.group, self.golden_value, self.ref = trace, group, golden_value, ref
+        self.golden_shape = lambda stage: golden.dataset(stage).shape
         self.ids, self.mask, self.has_weights = ids, mask, has_weights
         self.cache: dict[str, CandidateValue] = {}
 
@@ -96,8 +98,14 @@ class CandidateStages:
         return None
 
     def available(self, stage: str, _seen: frozenset[str] = frozenset()) -> bool:
+        """The candidate has a usable value of `stage`: dumped in a layout that fits, or derivable."""
         if self.dumped(stage):
-            return not self.t.is_partial(stage)
+            if self.t.is_partial(stage):
+                return False
+            ds = self.t.dataset(stage, self.group)
+            if ds.dtype.kind == "f" and ds.shape == self.golden_shape(stage):
+                return True
+            return self.read(stage).array is not None  # another layout: only the values can tell
         return self.derivation(stage, _seen) is not None
 
     def read(self, stage: str) -> CandidateValue:
@@ -111,7 +119,7 @@ class CandidateStages:
         if self.dumped(stage):
             raw = self.t.read(stage, self.group)
             if raw.dtype.kind not in "fc":
-                return CandidateValue(None, f"dtype {raw.dtype}: not floating point")
+                return CandidateValue(None, f"dtype {raw.dtype}: not floating point", floating=False)
             aligned: Alignment = align(raw, self.golden_value(stage), layout_of(stage))
             return CandidateValue(aligned.array, aligned.note)
         d = self.derivation(stage)

@@ -62,6 +62,7 @@ class StageEvidence:
     before: float
     tolerance: float                # the stage's local tolerance (noise floor × margin)
     precision: str                  # candidate precision
+    derived: frozenset[str] = frozenset()   # inputs derived from the dump (not dumped themselves)
 
 
 def _distance(ev: StageEvidence, hyp: np.ndarray) -> float:
@@ -73,8 +74,27 @@ def _distance(ev: StageEvidence, hyp: np.ndarray) -> float:
         return row_error(ev.candidate, hyp, ev.valid)[0]
 
 
-def _verdict(ev: StageEvidence, after: float) -> str | None:
-    if after <= ev.tolerance:
+# A rounding hypothesis cannot reproduce the candidate to the fp32 noise floor: where the candidate's
+# own fp32 error crosses a rounding boundary of the narrow format, one ulp of it remains. Explaining
+# this share of the error is its confirmation.
+ROUNDING_CONFIRMED = 0.05
+ROUNDED_MATCH = 0.99
+
+
+def _rounded_match(ev: StageEvidence, grid: np.ndarray) -> float:
+    """Share of compared elements where the candidate is exactly the hypothesis' rounded value."""
+    valid = np.broadcast_to(ev.valid, ev.candidate.shape) & np.isfinite(grid)
+    if not valid.any():
+        return 0.0
+    return float(np.mean(np.isclose(ev.candidate[valid], grid[valid], rtol=1e-9, atol=0.0)))
+
+
+def _verdict(ev: StageEvidence, after: float, rounding: bool = False, grid: np.ndarray | None = None) -> str | None:
+    """`rounding`: the hypothesis rounds to a narrow format; `grid`: its values, when its output lies on that
+    format's grid — then agreeing on all but a few boundary cases (`ROUNDED_MATCH`) confirms it."""
+    if after <= ev.tolerance or (rounding and np.isfinite(ev.before) and after <= ROUNDING_CONFIRMED * ev.before):
+        return "confirmed"
+    if grid is not None and _rounded_match(ev, grid) >= ROUNDED_MATCH:
         return "confirmed"
     if np.isfinite(ev.before) and after <= LIKELY_FRACTION * ev.before:
         return "likely"
@@ -86,8 +106,15 @@ def _evidence(before: float, after: float, what: str) -> str:
 
 
 def _evaluate(ev: StageEvidence, ref: Reference, hyp: Hypothesis) -> np.ndarray:
-    value = ev.inputs(hyp.same_as) if hyp.same_as else ref.evaluate(
-        ev.stage, Lookup(ev.inputs), ev.ids, ev.mask, np.float64, **hyp.knobs)
+    knobs, inputs = dict(hyp.knobs), ev.inputs
+    upstream = knobs.pop("upstream", {})
+    if upstream:  # inputs recomputed with their own hypothesis
+        def inputs(name: str) -> np.ndarray:
+            if name in upstream:
+                return ref.evaluate(name, Lookup(ev.inputs), ev.ids, ev.mask, np.float64, **upstream[name])
+            return ev.inputs(name)
+    value = inputs(hyp.same_as) if hyp.same_as else ref.evaluate(
+        ev.stage, Lookup(inputs), ev.ids, ev.mask, np.float64, **knobs)
     value = np.asarray(value, dtype=np.float64)
     return round_to(value, hyp.round_output) if hyp.round_output else value
 
@@ -98,7 +125,7 @@ def _test(ev: StageEvidence, ref: Reference, hyp: Hypothesis) -> Diagnosis | Non
     except (KeyError, ValueError):
         return None  # an input the hypothesis needs is not available, or the shapes do not fit
     after = _distance(ev, value)
-    verdict = _verdict(ev, after)
+    verdict = _verdict(ev, after, rounding=hyp.family == "precision", grid=value if hyp.round_output else None)
     if not verdict:
         return None
     return Diagnosis(hyp.rule, hyp.bug, verdict, ev.before, after,
@@ -176,7 +203,7 @@ def diagnose(ev: StageEvidence, ref: Reference) -> list[Diagnosis]:
     if nonfinite.any():
         found += _overflow(ev, nonfinite)
     else:
-        for hyp in hypotheses_for(ev.stage, ref, ev.precision):
+        for hyp in hypotheses_for(ev.stage, ref, ev.precision, ev.derived):
             d = _test(ev, ref, hyp)
             if d:
                 found.append(d)
@@ -250,8 +277,9 @@ def _generic(ev: StageEvidence, ref: Reference) -> list[Diagnosis]:
                                  _evidence(ev.before, after, "transposing the reference")))
     if ev.precision in ("fp32", "fp64"):
         for low in ("fp16", "bf16"):
-            after = row_error(c, round_to(r, low), valid)[0]
-            verdict = _verdict(ev, after)
+            rounded = round_to(r, low)
+            after = row_error(c, rounded, valid)[0]
+            verdict = _verdict(ev, after, rounding=True, grid=rounded if c is ev.candidate else None)
             if verdict == "confirmed":
                 out.append(Diagnosis("generic.low-precision", f"values carry {low} rounding in an {ev.precision} "
                                      "port (a buffer or an op in reduced precision)", verdict, ev.before, after,

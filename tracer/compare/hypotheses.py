@@ -221,9 +221,31 @@ def _formula(stage: str, ref: Reference) -> list[Hypothesis]:
     return []
 
 
-def hypotheses_for(stage: str, ref: Reference, precision: str = "fp32") -> list[Hypothesis]:
-    """Every discrete hypothesis of a stage, generated from its definition."""
-    return _formula(stage, ref) + _operands(stage, ref) + _parameters(stage, ref) + _precision(stage, ref, precision)
+def _upstream(stage: str, ref: Reference, derived: frozenset[str]) -> list[Hypothesis]:
+    """Hypotheses of inputs the dump does not hold (derived from it, e.g. q/k from qkv): a bug there first
+    shows here. Each input's own formula variants, alone and — for the variants they share — together."""
+    inputs = [x for x in stage_inputs(stage, ref.spec.n_layer) if x in derived]
+    out, shared = [], {}
+    for x in inputs:
+        for h in _formula(x, ref):
+            out.append(Hypothesis(f"upstream.{h.rule}", f"{h.bug} (in {_name(x)}, which the dump does not hold)",
+                                  {"upstream": {x: h.knobs}}, family=h.family))
+            if "order" not in h.knobs:
+                shared.setdefault(h.rule, (h, []))[1].append(x)
+    for rule, (h, xs) in shared.items():
+        if len(xs) > 1:
+            names = " and ".join(_name(x) for x in xs)
+            out.append(Hypothesis(f"upstream.{rule}", f"{h.bug} (in {names}, which the dump does not hold)",
+                                  {"upstream": {x: h.knobs for x in xs}}, family=h.family))
+    return out
+
+
+def hypotheses_for(stage: str, ref: Reference, precision: str = "fp32",
+                   derived: frozenset[str] = frozenset()) -> list[Hypothesis]:
+    """Every discrete hypothesis of a stage, generated from its definition (and from the definitions of
+    the `derived` inputs the dump lacks)."""
+    return (_formula(stage, ref) + _operands(stage, ref) + _parameters(stage, ref) + _precision(stage, ref, precision)
+            + _upstream(stage, ref, derived))
 
 
 def fits_for(stage: str, ref: Reference) -> list[ConstantFit]:
@@ -256,5 +278,5 @@ def describe_value(value: float, fit: ConstantFit, ref: Reference) -> str:
     known = {"1": 1.0, "1/√D": 1 / math.sqrt(D), "1/D": 1 / D, "√D": math.sqrt(D), "1/√C": 1 / math.sqrt(ref.spec.n_embd)}
     for name, v in known.items():
         if abs(value - v) <= 1e-3 * abs(v):
-            return f"{value:.6g} = {name}"
-    return f"{value:.6g}"
+            return f"{value:.4g} = {name}"
+    return f"{value:.4g}"
