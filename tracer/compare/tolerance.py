@@ -59,7 +59,8 @@ def round_to(x: np.ndarray, precision: str) -> np.ndarray:
         rounded = ((bits + half + ((bits >> drop) & 1)) >> drop) << drop
         out = rounded.astype(np.uint32).view(np.float32).astype(np.float64)
         return np.where(np.isfinite(f), out, f)
-    return np.asarray(x).astype(STORAGE[precision]).astype(np.float64)
+    with np.errstate(over="ignore"):  # beyond the narrow format's range is inf, as the port would see
+        return np.asarray(x).astype(STORAGE[precision]).astype(np.float64)
 
 
 def precision_of(dtype_name: str, array_dtype: np.dtype | None = None) -> str:
