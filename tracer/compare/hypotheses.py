@@ -278,5 +278,5 @@ def describe_value(value: float, fit: ConstantFit, ref: Reference) -> str:
     known = {"1": 1.0, "1/√D": 1 / math.sqrt(D), "1/D": 1 / D, "√D": math.sqrt(D), "1/√C": 1 / math.sqrt(ref.spec.n_embd)}
     for name, v in known.items():
         if abs(value - v) <= 1e-3 * abs(v):
-            return f"{value:.4g} = {name}"
+            return f"{value:.4g}" if name == f"{value:.4g}" else f"{value:.4g} = {name}"
     return f"{value:.4g}"
