@@ -23,7 +23,7 @@ FAILED_STATUSES = ("fail", "shape-mismatch", "golden-nonfinite")
 class Diagnosis:
     """A hypothesis re-applied to the stage's inputs, and how much of the error it reproduces."""
 
-    rule: str          # e.g. "scores.no-scale"
+    rule: str          # e.g. "constant.attn-scale", "param.bias.dropped", "generic.scale"
     bug: str           # what the port got wrong, in words
     verdict: str       # "confirmed" (reproduces to the noise floor) or "likely" (explains most of it)
     before: float      # introduced row error vs the correct reference
