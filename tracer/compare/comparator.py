@@ -177,6 +177,7 @@ class _CaseComparison:
                 return res
         self.c_cache[stage] = c
         valid = self.valid_for(stage, g)
+        shown = c  # First-8 tables show the candidate's own values (for a log: exactly what the port printed)
         if self.t.is_partial(stage):
             valid = valid & self.t.present(stage)
             atol = float(self.t.dataset(stage).attrs.get("print_atol", 0.0))
@@ -212,7 +213,8 @@ class _CaseComparison:
                 diff = np.where(valid, c - g, 0.0)
             res.where = describe_where(stage, rows_err, tol, diff, valid, self.config)
             res.diagnoses = diagnose(evidence, self.ref) if evidence else self._diagnose_chained(stage, c, g, valid, res)
-        res.tables = first8_tables(stage, g, c, valid, per_row, res.tolerance, self.options.token)
+        res.tables = first8_tables(stage, g, shown if self.t.is_partial(stage) else c, valid, per_row,
+                                   res.tolerance, self.options.token)
         return res
 
     def _scores_masking(self, stage: str, c: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, int, str | None]:
