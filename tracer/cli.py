@@ -225,6 +225,52 @@ def demo(
     run_demo(out_dir, console, inject)
 
 
+@app.command("export")
+def export_cmd(
+    golden: Path = typer.Argument(..., help="Golden file whose weights and input ids a port should load."),
+    fmt: str = typer.Option(..., "--format", help="npy-dir, safetensors, llmc (llm.c checkpoint) or gguf."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory to write (replaced only with --force)."),
+    case: Optional[str] = typer.Option(None, "--case", help="Only this case's ids (default: every case)."),
+    weight_map: Optional[str] = typer.Option(None, "--weight-map", help="npy-dir / safetensors: rename or "
+                                             "transpose weights (shipped: hub, nanogpt; or a TOML file)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+) -> None:
+    """Write the golden's weights and input ids in the layout a port loads (byte layouts: docs/PORTS.md)."""
+    from tracer.export import export_command
+
+    export_command(golden, fmt, output, case, weight_map, force, quiet)
+
+
+@app.command("include-dir")
+def include_dir() -> None:
+    """Print the directory holding tracer_dump.h (C/C++/CUDA) and tracer_dump.rs (Rust)."""
+    from tracer.export import include_path
+
+    print(include_path())
+
+
+@app.command("import-manifest")
+def import_manifest(
+    manifest: Path = typer.Argument(..., help="PyCandle GoldenRecorder manifest (<name>_manifest.json)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Golden (or, with --golden, trace) file to write."),
+    tensors: Optional[Path] = typer.Option(None, "--tensors", help="Recorded tensors (default: "
+                                           "<name>_trace.safetensors next to the manifest)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Model weights (.safetensors, HF GPT-2 names) "
+                                           "to store in the golden."),
+    golden: Optional[Path] = typer.Option(None, "--golden", "-g", help="Write a trace lined up with this golden "
+                                          "instead of a golden."),
+    case: Optional[str] = typer.Option(None, "--case", help="With --golden: the case the recording belongs to."),
+    map: Optional[Path] = typer.Option(None, "--map", help="Name map (default: the shipped pycandle map)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+) -> None:
+    """Turn PyCandle recorder output (manifest + tensors) into a golden, or into a trace of a golden."""
+    from tracer.manifest import import_manifest_command
+
+    import_manifest_command(manifest, output, tensors, weights, golden, case, map, force, quiet)
+
+
 def main() -> None:
     """Console entry point: one clear line and exit 2 for input errors and Ctrl-C."""
     try:

@@ -25,6 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from tracer.dumpnotes import dump_notes
 from tracer.errors import TracerError
 from tracer.record import trace_attrs
 from tracer.stages import (BLOCK_STAGES, EMBED_STAGES, FINAL_STAGES, canonical_stages, hf_aliases, hf_sources,
@@ -413,6 +414,7 @@ def import_foreign(path: str | os.PathLike, golden: Golden, out: str | os.PathLi
     case_name = pick_case(golden, case)
     view = golden.case(case_name)
     nmap = load_name_map(name_map) if name_map is not None else NameMap()
+    nmap, declared_dtype = dump_notes(src, nmap)  # tracer_dump.h / .rs manifest: layouts, bf16 source dtype
     check_output_path(out, force)  # fail before reading a possibly large dump
     n_layer, n_head = golden.n_layer, int(golden.model_config.get("n_head", 1))
     with _open_dump(src) as dump:
@@ -437,7 +439,7 @@ def import_foreign(path: str | os.PathLike, golden: Golden, out: str | os.PathLi
                     continue
                 dtypes.append(array.dtype)
                 writer.write_stage(case_name, stage, array, order[stage], foreign_name=foreign)
-            writer.set_attr("dtype", dtype_name(dtypes))
+            writer.set_attr("dtype", declared_dtype or dtype_name(dtypes))
             if plan.unknown:  # reports list them: a misnamed array must not pass unnoticed
                 writer.set_attr("foreign_unmatched", ", ".join(plan.unknown))
     return plan
