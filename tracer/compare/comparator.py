@@ -280,17 +280,12 @@ class _CaseComparison:
             with np.errstate(all="ignore"):
                 diff = np.where(valid, c - g, 0.0)
             res.where = describe_where(stage, rows_err, tol, diff, valid, self.config)
-<<<<<<< HEAD
             if evidence is not None:
                 res.diagnoses = diagnose(evidence, self.ref)
             elif res.local_error is None:  # no introduced-error check was possible: test against the golden
                 res.diagnoses = self._diagnose_chained(stage, c, g, valid, res)
-        res.tables = first8_tables(stage, g, c, valid, per_row, res.tolerance, self.options.token)
-=======
-            res.diagnoses = diagnose(evidence, self.ref) if evidence else self._diagnose_chained(stage, c, g, valid, res)
         res.tables = first8_tables(stage, g, shown if self.t.is_partial(stage) else c, valid, per_row,
                                    res.tolerance, self.options.token)
->>>>>>> wip-18
         return res
 
     def _scores_masking(self, stage: str, c: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, int, str | None]:
