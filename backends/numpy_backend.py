@@ -122,7 +122,7 @@ def _masked(scores: np.ndarray, blocked: np.ndarray) -> np.ndarray:
 
 
 def attention_scores(q: np.ndarray, k: np.ndarray, blocked: np.ndarray) -> np.ndarray:
-    s = q @ k.swapaxes(-1, -2)
+    s = q @ np.ascontiguousarray(k.swapaxes(-1, -2))  # a strided operand makes NumPy skip BLAS
     s *= q.shape[-1] ** -0.5
     return _masked(s, blocked)
 
@@ -228,7 +228,7 @@ def _scores_unscaled(q: np.ndarray, k: np.ndarray, blocked: np.ndarray) -> np.nd
 
 
 def _scores_by_d(q: np.ndarray, k: np.ndarray, blocked: np.ndarray) -> np.ndarray:
-    s = q @ k.swapaxes(-1, -2)
+    s = q @ np.ascontiguousarray(k.swapaxes(-1, -2))  # a strided operand makes NumPy skip BLAS
     s /= q.shape[-1]
     return _masked(s, blocked)
 

@@ -83,6 +83,7 @@ class CandidateStages:
         self.golden_shape = lambda stage: golden.dataset(stage).shape
         self.ids, self.mask, self.has_weights = ids, mask, has_weights
         self.cache: dict[str, CandidateValue] = {}
+        self._available: dict[str, bool] = {}
 
     def dumped(self, stage: str) -> bool:
         """The trace holds the stage itself (complete, not a partial log)."""
@@ -99,6 +100,13 @@ class CandidateStages:
 
     def available(self, stage: str, _seen: frozenset[str] = frozenset()) -> bool:
         """The candidate has a usable value of `stage`: dumped in a layout that fits, or derivable."""
+        if _seen:  # inside a derivation's cycle guard the answer holds for that search only
+            return self._usable(stage, _seen)
+        if stage not in self._available:
+            self._available[stage] = self._usable(stage, _seen)
+        return self._available[stage]
+
+    def _usable(self, stage: str, _seen: frozenset[str]) -> bool:
         if self.dumped(stage):
             if self.t.is_partial(stage):
                 return False
