@@ -36,6 +36,8 @@ class CompareOptions:
     selector: StageSelector = StageSelector()
     token: int | None = None          # extra first-8 table token (besides 0 and the worst)
     cases: list[str] | None = None
+    weights: dict | None = None       # the port's own weights (compare --weights), instead of the golden's
+    weights_note: str | None = None   # where they came from and how far they are from the golden's
 
 
 def _meta(f: StageFile) -> dict:
@@ -60,7 +62,7 @@ def compare(golden: StageFile, trace: StageFile, options: CompareOptions,
     if not names:
         raise TracerError(f"{trace.path} has no case in common with {golden.path} "
                           f"(golden: {', '.join(golden.case_names())}; trace: {', '.join(trace.case_names()) or 'none'})")
-    weights = golden.weights() if golden.has_weights else None
+    weights = options.weights if options.weights is not None else golden.weights() if golden.has_weights else None
     ref = Reference(weights or {}, golden.model_config)
     precision = options.tolerances.precision or precision_of(str(trace.attrs.get("dtype", "")))
     cases = []
@@ -72,7 +74,8 @@ def compare(golden: StageFile, trace: StageFile, options: CompareOptions,
     result = CompareResult(golden=str(golden.path), trace=str(trace.path), golden_meta=_meta(golden),
                            trace_meta=_meta(trace), tolerance=options.tolerances.describe()
                            + ("" if weights else " (golden has no weights: no introduced-error checks on "
-                              "weighted stages, dtype preset for chained checks)"), cases=cases)
+                              "weighted stages, dtype preset for chained checks)")
+                           + (f"; {options.weights_note}" if options.weights_note else ""), cases=cases)
     for c in cases:
         if c.first_divergence and result.first_divergence is None:
             result.first_divergence = {"case": c.case, "stage": c.first_divergence}

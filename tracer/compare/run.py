@@ -38,6 +38,7 @@ class CompareRequest:
     log_format: bool = False
     verbose: bool = False
     quiet: bool = False
+    weights: Path | None = None       # the port's checkpoint: judge it against its own weights
 
 
 def replayed_trace(req: CompareRequest, workdir: Path) -> Path:
@@ -75,6 +76,10 @@ def run_compare(req: CompareRequest) -> CompareResult:
                 trace = StageFile.open(req.trace)
                 cleanup = trace.close
             options = CompareOptions(tolerances, selector, req.token, [req.case] if req.case else None)
+            if req.weights is not None:
+                from tracer.weights.load import port_weights
+
+                options.weights, options.weights_note = port_weights(req.weights, golden, req.name_map)
             result = compare(golden, trace, options,
                              progress=partial(track, description="comparing", quiet=req.quiet))
     finally:

@@ -125,7 +125,7 @@ def load_weight_map(path: str | os.PathLike) -> WeightMap:
     p = resolve_map_path(path)
     table = load_toml(p).get("weights")
     if not isinstance(table, dict):
-        raise TracerError(f"{p} has no [weights] table (the weight map; see docs/WEIGHTS.md)")
+        raise TracerError(f"{p} has no weights table (the weight map; see docs/WEIGHTS.md)")
     wmap = WeightMap(p.stem if p.parent == maps_dir() else str(p))
     for key, value in table.items():
         rule = _rule(p, key, value)
