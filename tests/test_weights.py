@@ -269,3 +269,25 @@ def test_bad_inputs_exit_2_with_one_line(run_cli, tiny_golden, weights, tmp_path
         code, out, err = run_cli(*args)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (args, err)
     assert (tmp_path / "exists.json").read_text() == "{}"
+
+
+def test_identical_tensors_of_an_untrained_model_are_each_used_once(tmp_path):
+    """HF's default init gives dozens of identical zero biases and unit LayerNorm weights: content
+    cannot tell them apart, so each must still go to its own tensor (none left over, none shared)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tracer.models import LoadedModel, byte_decode, byte_encode
+    from tracer.record import build_cases, record_golden
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=256, bos_token_id=0,
+                        eos_token_id=0)
+    loaded = LoadedModel(GPT2LMHeadModel(config).eval(), "untrained", "bytes", byte_encode, byte_decode)
+    golden = tmp_path / "untrained.h5"
+    record_golden(loaded, build_cases(loaded, ["hi"], [], batch=False), str(golden), dtype="fp32", attn="eager")
+    weights = golden_weights(golden)
+    result = audit(golden, save(shuffled(port_with([], weights)), tmp_path / "port.safetensors"))
+    assert result.passed and not result.leftovers
+    c_attn_bias = finding(result, "transformer.h.0.attn.c_attn.bias")
+    assert c_attn_bias.forms == ["split"] and len({p.view.tensor for p in c_attn_bias.source}) == 3

@@ -100,8 +100,12 @@ def float_candidate(name: str, get: Callable[[], np.ndarray], shape: tuple[int, 
     def values() -> np.ndarray:
         return convert(get()).reshape(shape)
 
+    flat_view: list[np.ndarray] = []  # the stored array, flat, made once: sampling is called often
+
     def sample(flat: np.ndarray) -> np.ndarray:
-        return convert(np.asarray(get().reshape(-1)[flat]))
+        if not flat_view:
+            flat_view.append(np.asarray(get()).reshape(-1))
+        return convert(flat_view[0][flat])
 
     return Candidate(name, tuple(int(d) for d in shape), dtype, values, sample, stored_as=(name,))
 

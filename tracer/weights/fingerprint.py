@@ -27,11 +27,10 @@ def profiles(a: np.ndarray) -> tuple[np.ndarray, ...]:
     rows = np.empty(a.shape[0])
     cols = np.zeros(a.shape[1])
     step = max(1, CHUNK // max(1, a.shape[1]))
-    for s in range(0, a.shape[0], step):
+    for s in range(0, a.shape[0], step):  # float32 sums per block: a fingerprint, not a measurement
         block = np.asarray(a[s:s + step], dtype=np.float32)
-        sq = block * block
-        rows[s:s + step] = sq.sum(axis=1, dtype=np.float64)
-        cols += sq.sum(axis=0, dtype=np.float64)
+        rows[s:s + step] = np.einsum("ij,ij->i", block, block)
+        cols += np.einsum("ij,ij->j", block, block)
     return rows, cols
 
 
@@ -75,11 +74,12 @@ class Hit:
 
 
 class SegmentIndex:
-    """All profile segments of all units, grouped by length: whole axes, plus cuts of each axis
-    into pieces of every golden extent (at multiples of it, or only at 0 when it does not divide)."""
+    """All profile segments of all units, grouped by (length, extent of the unit's other axis; 0
+    for 1-D units): whole axes, plus cuts of each axis into pieces of every golden extent (at
+    multiples of it, or only at 0 when it does not divide)."""
 
     def __init__(self, units: list[Unit], golden_extents: set[int]):
-        rows: dict[int, list[tuple[int, int, int, int, np.ndarray]]] = {}
+        rows: dict[tuple[int, int], list[tuple[int, int, int, np.ndarray]]] = {}
         self.units = units
         for ui, u in enumerate(units):
             for a, prof in enumerate(u.profiles):
@@ -90,22 +90,27 @@ class SegmentIndex:
                     if g < extent:
                         cuts |= {(o, g) for o in (range(0, extent - g + 1, g) if extent % g == 0 else (0,))}
                 for o, g in cuts:
-                    rows.setdefault(g, []).append((ui, a, o, other, prof[o:o + g]))
+                    rows.setdefault((g, other), []).append((ui, a, o, prof[o:o + g]))
         self._groups = {}
-        for g, entries in rows.items():
-            matrix = np.stack([e[4] for e in entries])
-            meta = np.array([e[:4] for e in entries], dtype=np.int64)
-            self._groups[g] = (matrix, np.einsum("ij,ij->i", matrix, matrix), meta)
+        for key, entries in rows.items():
+            matrix = np.stack([e[3] for e in entries])
+            meta = np.array([e[:3] for e in entries], dtype=np.int64)
+            self._groups[key] = (matrix, np.einsum("ij,ij->i", matrix, matrix), meta)
 
-    def query(self, profile: np.ndarray, other: int, max_distance: float) -> list[Hit]:
-        """Segments of `profile`'s length whose unit's other axis is `other` (0: 1-D units), closest first."""
-        group = self._groups.get(profile.size)
+    def query(self, profile: np.ndarray, other: int, max_distance: float, limit: int = 32) -> list[Hit]:
+        """The `limit` closest segments of `profile`'s length whose unit's other axis is `other`
+        (0: 1-D units), closest first."""
+        group = self._groups.get((profile.size, other))
         if group is None:
             return []
         matrix, sq, meta = group
         pp = float(profile @ profile)
         d2 = np.maximum(sq - 2.0 * (matrix @ profile) + pp, 0.0)
         dist = np.sqrt(d2) / max(np.sqrt(pp), 1e-30)
-        ok = np.nonzero((meta[:, 3] == other) & (dist <= max_distance))[0]
+        ok = np.nonzero(dist <= max_distance)[0]
         ok = ok[np.argsort(dist[ok], kind="stable")]
+        cut = min(limit, ok.size)
+        while cut < ok.size and dist[ok[cut]] == dist[ok[cut - 1]]:  # identical tensors stay together
+            cut += 1
+        ok = ok[:cut]
         return [Hit(self.units[meta[k, 0]], int(meta[k, 1]), int(meta[k, 2]), profile.size, float(dist[k])) for k in ok]

@@ -25,6 +25,7 @@ from tracer.weights.verify import IDENTIFY, Check, check, sample_error
 SHORTLIST = 0.35      # profile distance up to which a region is sampled (4-bit noise moves profiles ~5 %)
 N_SAMPLES = 64
 MAX_FULL_CHECKS = 6
+SAMPLE_BATCH = 16
 SPLITS = (3, 2, 4)
 
 
@@ -78,8 +79,12 @@ class Matcher:
         profs = profiles(g)
         whole = [(h.distance, (Piece(self._view(h, j, g.shape[j])),)) for j in range(g.ndim)
                  for h in self.index.query(profs[j], self._other(g, j), SHORTLIST)]
-        found = self._best(param, g, whole, named)
-        return found if found is not None else self._split(param, g, profs, named)
+        uncut = [h for h in whole if h[1][0].view.axis is None]
+        cut = [h for h in whole if h[1][0].view.axis is not None]
+        # A cut out of a longer tensor (padding, fusion) is tried last: for a constant parameter (zero
+        # biases of an untrained model) any longer constant tensor would do, while the split is right.
+        return self._best(param, g, uncut, named) or self._split(param, g, profs, named) or \
+            self._best(param, g, cut, None)
 
     def _other(self, g: np.ndarray, axis: int) -> int:
         return g.shape[1 - axis] if g.ndim == 2 else 0
@@ -93,29 +98,40 @@ class Matcher:
                     stop=hit.offset + hit.length if cut else 0)
 
     def _best(self, param: str, g: np.ndarray, hyps: list[tuple[float, Source]], named: Source | None,
-              piece_of: Piece | None = None) -> Found | None:
-        """The first hypothesis (ranked by sampled error, then tie-breaks) that a full check identifies."""
+              piece_of: Piece | None = None, taken: frozenset[str] = frozenset()) -> Found | None:
+        """The first hypothesis (ranked by sampled error, then tie-breaks) that a full check identifies.
+
+        Hypotheses are sampled closest profile first, in batches (equal distances kept together,
+        so identical tensors are ranked against each other); the next batch only when none of a
+        batch is identified."""
+        hyps = sorted(hyps, key=lambda h: h[0])
         if named is not None and piece_of is None:
-            hyps = [(0.0, named)] + hyps
-        seen, ranked = set(), []
+            hyps = [(-1.0, named)] + hyps
         target = piece_of.of(g) if piece_of is not None else g
         coords = _sample_coords(target.shape)
         g_samples = target[coords]
-        for distance, source in hyps:
-            if source in seen:
-                continue
-            seen.add(source)
-            err = self._sample_error(source, coords, g_samples, piece_of)
-            if err <= IDENTIFY:
-                ranked.append((self._rank(param, source, err, distance, named), source))
-        ranked.sort(key=lambda r: r[0])
-        for _, source in ranked[:MAX_FULL_CHECKS]:
-            if piece_of is not None:
-                c = self.check_piece(g, Piece(source[0].view, piece_of.axis, piece_of.start, piece_of.stop))
-            else:
-                c = self.check_source(g, source)
-            if c.identified:
-                return Found(source, c)
+        seen: set[Source] = set()
+        checks, start = 0, 0
+        while start < len(hyps) and checks < MAX_FULL_CHECKS:
+            stop = min(start + SAMPLE_BATCH, len(hyps))
+            while stop < len(hyps) and hyps[stop][0] == hyps[stop - 1][0]:
+                stop += 1
+            ranked = []
+            for distance, source in hyps[start:stop]:
+                if source not in seen:
+                    seen.add(source)
+                    err = self._sample_error(source, coords, g_samples, piece_of)
+                    if err <= IDENTIFY:
+                        ranked.append((self._rank(param, source, err, distance, named, taken), source))
+            start = stop
+            for _, source in sorted(ranked, key=lambda r: r[0])[:MAX_FULL_CHECKS - checks]:
+                checks += 1
+                if piece_of is not None:
+                    c = self.check_piece(g, Piece(source[0].view, piece_of.axis, piece_of.start, piece_of.stop))
+                else:
+                    c = self.check_source(g, source)
+                if c.identified:
+                    return Found(source, c)
         return None
 
     def _sample_error(self, source: Source, coords: tuple[np.ndarray, ...], g_samples: np.ndarray,
@@ -125,11 +141,15 @@ class Matcher:
             return sample_error(g_samples, self.ckpt.candidates[view.tensor].sample(view.flat_index(coords)))
         return 0.0  # a named split source: verified in full
 
-    def _rank(self, param: str, source: Source, err: float, distance: float, named: Source | None) -> tuple:
+    def _rank(self, param: str, source: Source, err: float, distance: float, named: Source | None,
+              taken: frozenset[str]) -> tuple:
+        """Sort key: sampled error, then a tensor no parameter (nor another piece of this one) has
+        taken, an uncut view, the named source, the parameter's layer number, the profile distance."""
         tensors = {p.view.tensor for p in source}
-        claimed = any(self.claims.get(t) for t in tensors)
+        claimed = any(self.claims.get(t) or t in taken for t in tensors)
+        cut = any(p.view.axis is not None for p in source)
         is_named = named is not None and source == named
-        return (round(err, 4), claimed, not is_named, not _same_layer(param, source), distance)
+        return (round(err, 4), claimed, cut, not is_named, not _same_layer(param, source), distance)
 
     def _split(self, param: str, g: np.ndarray, profs: tuple[np.ndarray, ...], named: Source | None) -> Found | None:
         """The parameter as n equal pieces along one axis, each held by its own region."""
@@ -144,7 +164,8 @@ class Matcher:
                     hits = self.index.query(profs[axis][k * size:(k + 1) * size], self._other(g, axis), SHORTLIST)
                     hyps = [(h.distance, (Piece(self._view(h, axis, size)),)) for h in hits]
                     hyps = _named_piece(named, whole) + hyps
-                    found = self._best(param, g, hyps, None, piece_of=whole)
+                    found = self._best(param, g, hyps, None, piece_of=whole,
+                                       taken=frozenset(p.view.tensor for p in pieces))
                     if found is None:
                         break
                     pieces.append(Piece(found.source[0].view, axis, whole.start, whole.stop))
