@@ -190,7 +190,7 @@ def _judge_found(f: Finding, named: Source | None, why: str | None, absent: list
     tied = ctx.ties.get(f.param) in {c for t in source_tensors(f.source) for c in matcher.claims.get(t, [])}
     if named is not None and not agrees:
         f.status = "misplaced"
-        f.problem, f.fix = _disagreement(f.param, f.source, named, f.named)
+        f.problem, f.fix = _disagreement(f.param, f.source, named, f.named, tied)
     elif why is not None:
         f.status = "misplaced"
         f.problem = f"{why}; its values are in {describe_source(f.source)}"
@@ -211,7 +211,7 @@ def _judge_found(f: Finding, named: Source | None, why: str | None, absent: list
         f.status = "ok"
 
 
-def _position(piece) -> tuple:
+def _position(piece: Piece) -> tuple:
     return (piece.axis, piece.start, piece.stop)
 
 
@@ -232,7 +232,8 @@ def _agrees(found: Source, named: Source, expects: list[Expect]) -> bool:
     return len(found) == len(named) and _misoriented(found, expects) is None
 
 
-def _disagreement(param: str, found: Source, named: Source, expects: list[Expect]) -> tuple[str, str | None]:
+def _disagreement(param: str, found: Source, named: Source, expects: list[Expect],
+                  tied: bool) -> tuple[str, str | None]:
     found_tensors, named_tensors = source_tensors(found), source_tensors(named)
     if set(found_tensors) == set(named_tensors):
         by_place = {_position(p): p.view for p in found}
@@ -244,7 +245,8 @@ def _disagreement(param: str, found: Source, named: Source, expects: list[Expect
         if wrong is not None:
             return orientation_problem(wrong.view.tensor, wrong.view.transpose, is_conv1d(param))
     problem = f"named {', '.join(named_tensors)}, but its values are in {describe_source(found)}"
-    fix = FIX_TIE if param == "lm_head.weight" else f"load {param} from {', '.join(found_tensors)} (or fix the name map)"
+    fix = FIX_TIE if tied and param == "lm_head.weight" else \
+        f"load {param} from {', '.join(found_tensors)} (or fix the name map)"
     return problem, fix
 
 

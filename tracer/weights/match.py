@@ -77,7 +77,7 @@ class Matcher:
     def locate(self, param: str, golden: np.ndarray, named: Source | None = None) -> Found | None:
         g = golden.reshape(squeezed(golden.shape)) if golden.ndim > 2 else golden
         profs = profiles(g)
-        whole = [(h.distance, (Piece(self._view(h, j, g.shape[j])),)) for j in range(g.ndim)
+        whole = [(h.distance, (Piece(self._view(h, j)),)) for j in range(g.ndim)
                  for h in self.index.query(profs[j], self._other(g, j), SHORTLIST)]
         uncut = [h for h in whole if h[1][0].view.axis is None]
         cut = [h for h in whole if h[1][0].view.axis is not None]
@@ -89,7 +89,7 @@ class Matcher:
     def _other(self, g: np.ndarray, axis: int) -> int:
         return g.shape[1 - axis] if g.ndim == 2 else 0
 
-    def _view(self, hit: Hit, axis: int, extent: int) -> View:
+    def _view(self, hit: Hit, axis: int) -> View:
         """The view of `hit`'s unit that puts its matched axis on golden axis `axis`."""
         u = hit.unit
         cut = hit.length != u.unit_shape[hit.axis]
@@ -162,7 +162,7 @@ class Matcher:
                 for k in range(n):
                     whole = Piece(View("", ()), axis, k * size, (k + 1) * size)
                     hits = self.index.query(profs[axis][k * size:(k + 1) * size], self._other(g, axis), SHORTLIST)
-                    hyps = [(h.distance, (Piece(self._view(h, axis, size)),)) for h in hits]
+                    hyps = [(h.distance, (Piece(self._view(h, axis)),)) for h in hits]
                     hyps = _named_piece(named, whole) + hyps
                     found = self._best(param, g, hyps, None, piece_of=whole,
                                        taken=frozenset(p.view.tensor for p in pieces))

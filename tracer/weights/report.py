@@ -18,7 +18,7 @@ from rich.table import Table
 from tracer.reports.common import fmt_num
 from tracer.weights.audit import AuditResult, Finding
 from tracer.weights.golden import layer_of, layer_template
-from tracer.weights.views import describe_source, source_tensors
+from tracer.weights.views import compact_source, describe_source, source_tensors
 
 SCHEMA_VERSION = 1
 STATUS_STYLE = {"ok": "green", "misplaced": "yellow", "mismatch": "red", "missing": "red"}
@@ -87,11 +87,11 @@ def _group_key(f: Finding, result: AuditResult) -> tuple:
 def _source_text(members: list[Finding]) -> str:
     """The members' source with the block number as {i} (the first member's when that is ambiguous)."""
     f = members[0]
-    text = describe_source(f.source) if f.source else "—"
+    text = compact_source(f.source) if f.source else "—"
     layer = layer_of(f.param)
     if len(members) == 1 or layer is None:
         return text
-    general = [layer_template(describe_source(m.source), layer_of(m.param)) for m in members]
+    general = [layer_template(compact_source(m.source), layer_of(m.param)) for m in members]
     return general[0] if general[0] is not None and len(set(general)) == 1 else f"{text}, …"
 
 

@@ -89,5 +89,24 @@ def describe_source(source: Source) -> str:
     return " + ".join(p.view.describe() for p in source)
 
 
+def compact_source(source: Source) -> str:
+    """`a.{w_query,w_key,w_value}.weight.T` for pieces that differ only in one dotted part."""
+    texts = [p.view.describe() for p in source]
+    if len(texts) == 1:
+        return texts[0]
+    split = [t.split(".") for t in texts]
+    head = 0
+    while all(len(s) > head + 1 and s[head] == split[0][head] for s in split):
+        head += 1
+    tail = 0
+    while all(len(s) > head + tail + 1 and s[-1 - tail] == split[0][-1 - tail] for s in split):
+        tail += 1
+    middles = [".".join(s[head:len(s) - tail]) for s in split]
+    if head == 0 or len(set(middles)) != len(middles):
+        return " + ".join(texts)
+    suffix = "." + ".".join(split[0][len(split[0]) - tail:]) if tail else ""
+    return ".".join(split[0][:head]) + ".{" + ",".join(middles) + "}" + suffix
+
+
 def source_tensors(source: Source) -> list[str]:
     return list(dict.fromkeys(p.view.tensor for p in source))
