@@ -218,7 +218,7 @@ def weights_cmd(
     golden: Path = typer.Argument(..., help="Golden file: its /weights are the reference."),
     checkpoint: Path = typer.Argument(..., help="The port's weights: .safetensors, .npz, a directory of .npy, "
                                       "llm.c .bin or .gguf."),
-    name_map: Optional[Path] = typer.Option(None, "--name-map", help="Weight map: a TOML file with a [weights] "
+    name_map: Optional[Path] = typer.Option(None, "--name-map", help="Weight map: a TOML file with a weights "
                                             "table, or a shipped one (pycandle, llmc, gguf, max)."),
     write_map: Optional[Path] = typer.Option(None, "--write-map", help="Write the inferred weight map (TOML)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the audit as JSON."),
