@@ -174,13 +174,15 @@ def compare_cmd(
     log_format: bool = typer.Option(False, "--log-format", help="Also print seed-style log lines."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every stage, not runs of passing ones."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report (exit code and files only)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="The port's own weights (any format `tracer "
+                                           "weights` reads): reference and oracle use them, dequantized."),
 ) -> None:
     """Compare a trace (or a backend's replay) with the golden: exit 0 pass, 1 divergence, 2 bad input."""
     from tracer.compare.run import CompareRequest, compare_command
 
     reports = {k: v for k, v in (("json", json_out), ("html", html_out), ("md", md_out), ("junit", junit_out)) if v}
     req = CompareRequest(golden, trace, backend, inject, precision, mode, tolerance, stage, token, case, name_map,
-                         reports, baseline, update_baseline, require, log_format, verbose, quiet)
+                         reports, baseline, update_baseline, require, log_format, verbose, quiet, weights)
     raise typer.Exit(compare_command(req, console))
 
 
@@ -211,6 +213,26 @@ def report(
     from tracer.reports import report_command
 
     report_command(result, fmt, output, console)
+
+
+@app.command("weights")
+def weights_cmd(
+    golden: Path = typer.Argument(..., help="Golden file: its /weights are the reference."),
+    checkpoint: Path = typer.Argument(..., help="The port's weights: .safetensors, .npz, a directory of .npy, "
+                                      "llm.c .bin or .gguf."),
+    name_map: Optional[Path] = typer.Option(None, "--name-map", help="Weight map: a TOML file with a weights "
+                                            "table, or a shipped one (pycandle, llmc, gguf, max)."),
+    write_map: Optional[Path] = typer.Option(None, "--write-map", help="Write the inferred weight map (TOML)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the audit as JSON."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing output files."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="One row per parameter (not grouped by kind)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report (exit code and files only)."),
+) -> None:
+    """Audit a port's weights: missing, transposed, split, renamed, quantized, mis-loaded. Exit 1 on a problem."""
+    from tracer.weights.command import weights_command
+
+    raise typer.Exit(weights_command(golden, checkpoint, name_map, write_map, json_out, force, verbose, quiet,
+                                     console))
 
 
 @app.command()

@@ -197,7 +197,7 @@ def load_name_map(path: str | os.PathLike) -> NameMap:
     """Parse a name map file; every mistake in it is reported with the entry that has it."""
     p = resolve_map_path(path)
     data = load_toml(p)
-    unknown = set(data) - {"names", "hf", "description"}
+    unknown = set(data) - {"names", "hf", "description", "weights"}  # [weights]: tracer.weights.names
     if unknown:
         raise TracerError(f"{p}: unknown table(s) {', '.join(sorted(unknown))} (expected [names] and [hf])")
     if not isinstance(data.get("names", {}), dict) or not isinstance(data.get("hf", {}), dict):

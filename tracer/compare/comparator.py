@@ -44,6 +44,8 @@ class CompareOptions:
     token: int | None = None          # extra first-8 table token (besides 0 and the worst)
     cases: list[str] | None = None
     require: StageSelector | None = None   # missing stages matching it fail (--require)
+    weights: dict | None = None       # the port's own weights (compare --weights), instead of the golden's
+    weights_note: str | None = None   # where they came from and how far they are from the golden's
 
 
 def _meta(f: StageFile) -> dict:
@@ -88,7 +90,7 @@ def compare(golden: StageFile, trace: StageFile, options: CompareOptions,
     if not names:
         raise TracerError(f"{trace.path} has no case in common with {golden.path} "
                           f"(golden: {', '.join(golden.case_names())}; trace: {', '.join(trace.case_names()) or 'none'})")
-    weights = golden.weights() if golden.has_weights else None
+    weights = options.weights if options.weights is not None else golden.weights() if golden.has_weights else None
     ref = Reference(weights or {}, golden.model_config)
     declared = options.tolerances.precision or precision_of(str(trace.attrs.get("dtype", "")))
     precision, precision_note = (declared, None) if options.tolerances.precision else \
@@ -105,6 +107,8 @@ def compare(golden: StageFile, trace: StageFile, options: CompareOptions,
                      "chained checks)"
     if precision_note:
         tolerance += f"; {precision_note}"
+    if options.weights_note:
+        tolerance += f"; {options.weights_note}"
     result = CompareResult(golden=str(golden.path), trace=str(trace.path), golden_meta=_meta(golden),
                            trace_meta=_meta(trace), tolerance=tolerance, cases=cases)
     for c in cases:

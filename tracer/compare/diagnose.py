@@ -279,7 +279,7 @@ def _generic(ev: StageEvidence, ref: Reference) -> list[Diagnosis]:
         for low in ("fp16", "bf16"):
             rounded = round_to(r, low)
             after = row_error(c, rounded, valid)[0]
-            verdict = _verdict(ev, after, rounding=True, grid=rounded if c is ev.candidate else None)
+            verdict = _verdict(ev, after, rounding=True, grid=rounded)
             if verdict == "confirmed":
                 out.append(Diagnosis("generic.low-precision", f"values carry {low} rounding in an {ev.precision} "
                                      "port (a buffer or an op in reduced precision)", verdict, ev.before, after,

@@ -26,6 +26,7 @@ import numpy as np
 
 from tracer.compare.reference import GELU_CUBIC, GELU_SCALE, MERGE_ORDER, Reference
 from tracer.stages import BLOCK_STAGES, resid_pre, split_stage, stage_inputs
+from tracer.weights.words import FIX_TRANSPOSE
 
 # What a stage's last axis holds, so only tensors of the same shape stand in for one another.
 WIDTH = {"embed.tok": "C", "embed.sum": "C", "ln1": "C", "attn.ctx": "C", "attn.out": "C", "resid_mid": "C",
@@ -35,7 +36,6 @@ WIDTH = {"embed.tok": "C", "embed.sum": "C", "ln1": "C", "attn.ctx": "C", "attn.
 SUMS = {"embed.sum", "resid_mid", "resid_post"}
 LINEARS = {"attn.qkv", "attn.out", "mlp.fc", "mlp.out"}
 MATMULS = {"attn.qkv", "attn.out", "mlp.fc", "mlp.out", "logits", "attn.scores", "attn.ctx"}
-CONV1D_FIX = "transpose: HF Conv1D stores [in, out]"
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _parameters(stage: str, ref: Reference) -> list[Hypothesis]:
                               family="parameter"))
         if role == "weight" and len(shape) == 2 and shape[0] == shape[1] and local not in ("logits", "embed.tok",
                                                                                           "embed.pos"):
-            out.append(Hypothesis("param.weight.transposed", f"{local} weight used transposed ({CONV1D_FIX})",
+            out.append(Hypothesis("param.weight.transposed", f"{local} weight used transposed ({FIX_TRANSPOSE})",
                                   {"params": {name: np.transpose}}, family="parameter"))
     own = next(iter(params.values())).rpartition(".")[0]
     mods = _modules(ref)

@@ -39,6 +39,7 @@ class CompareRequest:
     log_format: bool = False
     verbose: bool = False
     quiet: bool = False
+    weights: Path | None = None       # the port's checkpoint: judge it against its own weights
 
 
 def replayed_trace(req: CompareRequest, workdir: Path) -> Path:
@@ -77,6 +78,10 @@ def run_compare(req: CompareRequest) -> CompareResult:
                 cleanup = trace.close
             options = CompareOptions(tolerances, selector, req.token, [req.case] if req.case else None,
                                      require_selector(req.require, golden))
+            if req.weights is not None:
+                from tracer.weights.load import port_weights
+
+                options.weights, options.weights_note = port_weights(req.weights, golden, req.name_map)
             result = compare(golden, trace, options,
                              progress=partial(track, description="comparing", quiet=req.quiet))
     finally:
