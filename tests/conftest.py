@@ -125,6 +125,17 @@ def gpt2_shape_golden(tmp_path_factory, gpt2_shape_loaded) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def c_port(tmp_path_factory) -> Path:
+    """The independent C port of tests/ports/c, compiled once (skips without a C compiler)."""
+    from tests.ports.real_ports import build_c_port
+
+    binary = build_c_port(tmp_path_factory.mktemp("c_port"))
+    if binary is None:
+        pytest.skip("no C compiler")
+    return binary
+
+
 @pytest.fixture
 def run_cli(monkeypatch) -> Callable[..., CLIResult]:
     """`run_cli(*args)` -> (exit code, stdout, stderr) of `tracer ARGS`, run in-process through `tracer.cli.main`."""

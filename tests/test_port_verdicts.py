@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.ports.catalog import CATALOG
-from tests.ports.real_ports import build_c_port, run_c_port, run_numpy_style_port
+from tests.ports.real_ports import run_c_port, run_numpy_style_port
 from tests.test_real_dumps import worst_share
 from tracer.compare.result import CompareResult
 from tracer.compare.run import CompareRequest, run_compare
@@ -44,13 +44,6 @@ EXPECTED_RULES = {
 # Fitted constants are reported with the value the port used.
 FITTED = {"gelu-coef": "0.04715", "wpe-offset": "+1", "attn-scale-d": "1/D", "ln-eps-1e-3": "0.001"}
 
-
-@pytest.fixture(scope="module")
-def c_port(tmp_path_factory) -> Path:
-    binary = build_c_port(tmp_path_factory.mktemp("c_port"))
-    if binary is None:
-        pytest.skip("no C compiler")
-    return binary
 
 
 def run_port(port: str, out: Path, **kw) -> CompareResult:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.ports.catalog import get
-from tests.ports.real_ports import build_c_port, run_c_port, run_numpy_style_port
+from tests.ports.real_ports import run_c_port, run_numpy_style_port
 from tests.test_port_verdicts import EXPECTED_RULES
 from tests.test_real_dumps import worst_share
 from tracer.compare.run import CompareRequest, run_compare
@@ -40,13 +40,6 @@ def golden12(tmp_path_factory) -> Path:
                   str(out), dtype="fp32", attn="eager")
     return out
 
-
-@pytest.fixture(scope="module")
-def c_port(tmp_path_factory) -> Path:
-    binary = build_c_port(tmp_path_factory.mktemp("c_port"))
-    if binary is None:
-        pytest.skip("no C compiler")
-    return binary
 
 
 @pytest.mark.parametrize("f64", [False, True], ids=["float32", "float64"])
