@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from tracer.errors import TracerError
+from tracer.hub import check_hub_reachable, hub_cached
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -114,8 +115,12 @@ def _load_pretrained(source: str | Path, attn: str, description: str) -> LoadedM
     path = Path(source).expanduser()
     if _looks_like_path(str(source)) and not path.is_dir():
         raise TracerError(f"model directory {source} does not exist")
+    where = str(path if path.is_dir() else source)
+    local_only = path.is_dir() or hub_cached(where)
+    if not local_only:
+        check_hub_reachable(where)
     try:
-        config = AutoConfig.from_pretrained(str(path if path.is_dir() else source))
+        config = AutoConfig.from_pretrained(where, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TracerError(
@@ -124,20 +129,20 @@ def _load_pretrained(source: str | Path, attn: str, description: str) -> LoadedM
     if config.model_type != "gpt2":
         raise TracerError(f"model {str(source)!r} is a {config.model_type!r} model; only GPT-2 is supported")
     try:
-        model = GPT2LMHeadModel.from_pretrained(str(path if path.is_dir() else source), attn_implementation=attn)
+        model = GPT2LMHeadModel.from_pretrained(where, attn_implementation=attn, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise TracerError(f"cannot load weights of {str(source)!r}: {str(exc).splitlines()[0]}") from None
     has_tokenizer = not path.is_dir() or any((path / f).exists() for f in ("tokenizer.json", "vocab.json"))
-    encode, decode, kind = _hf_tokenizer(str(path if path.is_dir() else source)) if has_tokenizer else (
+    encode, decode, kind = _hf_tokenizer(where, local_only) if has_tokenizer else (
         byte_encode, byte_decode, "bytes")
     return LoadedModel(model, description, kind, encode, decode)
 
 
-def _hf_tokenizer(where: str):
+def _hf_tokenizer(where: str, local_only: bool):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(where)
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
     except (OSError, ValueError):
         return byte_encode, byte_decode, "bytes"
     return (lambda text: tok.encode(text)), (lambda ids: tok.decode(ids)), "hf"

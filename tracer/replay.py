@@ -28,7 +28,8 @@ from backends.exec_backend import ExecBackend
 from backends.inject import describe_catalog
 from backends.protocol import Backend
 from backends.registry import backend_class, resolve_backend
-from tracer.errors import TracerError
+from tracer.atomic import Reservation
+from tracer.errors import TracerError, io_error
 from tracer.progress import track
 from tracer.record import trace_attrs
 from tracer.store import CaseView, Golden, StageWriter, check_output_path
@@ -69,7 +70,7 @@ class StageTap:
         try:
             self.writer.write_stage(self.golden_case.name, stage, array, self.orders[stage], group=self.group)
         except OSError as exc:
-            raise TracerError(f"could not write {self.writer.path}: {exc}") from None
+            raise io_error("write", self.writer.path, exc) from None
 
 
 def expected_logits_shape(case: CaseView) -> tuple[int, ...]:
@@ -156,7 +157,7 @@ def print_catalog(console: Console, backend_spec: str | None = None) -> None:
 
 def replay_command(golden: Path | None, backend_spec: str, out: Path | None, mode: str = "chained",
                    precision: str = "fp32", inject: str | None = None, force: bool = False, quiet: bool = False,
-                   console: Console | None = None) -> None:
+                   console: Console | None = None, timeout: float | None = None) -> None:
     """Everything `tracer replay` does, so the CLI is a thin typer wrapper around it."""
     console = console or Console()
     if inject == "list":
@@ -168,10 +169,10 @@ def replay_command(golden: Path | None, backend_spec: str, out: Path | None, mod
         raise TracerError("replay needs an output trace: -o TRACE.h5")
     if mode not in MODES:
         raise TracerError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    check_output_path(out, force)  # fail before loading anything
-    backend = resolve_backend(backend_spec, precision, inject)
-    replay(golden, backend, out, mode, force, progress=partial(track, description=f"replaying ({backend.name})",
-                                                               quiet=quiet))
+    with Reservation(out, force):  # an unwritable or busy output fails before loading anything
+        backend = resolve_backend(backend_spec, precision, inject, timeout)
+        replay(golden, backend, out, mode, force, progress=partial(track, description=f"replaying ({backend.name})",
+                                                                   quiet=quiet))
     if not quiet:
         what = ", ".join(x for x in (getattr(backend, "precision", ""), mode, inject and f"inject {inject}") if x)
         console.print(f"replayed {golden} through {backend.name} ({what}) -> {out}")
