@@ -57,8 +57,9 @@ def record(
     """Record golden activations of every GPT-2 stage into an HDF5 file."""
     from tracer.atomic import Reservation
     from tracer.hub import preflight
+    from tracer.progress import session
 
-    with Reservation(output, force):  # an unwritable or busy output fails before the model loads
+    with Reservation(output, force), session(quiet):  # an unwritable or busy output fails before the model loads
         texts = list(prompt) + (read_prompts_file(prompts_file) if prompts_file is not None else [])
         id_lists = [parse_ids(x) for x in ids]  # fail on bad ids before loading a model
         preflight(model if random is None else "random:")  # an unreachable hub fails before the slow imports

@@ -17,7 +17,7 @@ from tracer.compare.result import CompareResult
 from tracer.compare.tolerance import Tolerances
 from tracer.atomic import Reservation
 from tracer.errors import TracerError
-from tracer.progress import track
+from tracer.progress import session, track
 from tracer.stages import StageSelector, canonical_stages
 from tracer.store import Golden, StageFile
 
@@ -141,7 +141,8 @@ def compare_command(req: CompareRequest, console: Console) -> int:
             outputs.enter_context(Reservation(path, req.force))
         if req.update_baseline and req.baseline is not None:
             outputs.enter_context(Reservation(req.baseline, force=True))
-        result = run_compare(req)
+        with session(req.quiet):
+            result = run_compare(req)
         for fmt, path in req.reports.items():
             write_report(result, fmt, path, console, force=req.force)
     if not req.quiet:
