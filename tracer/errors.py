@@ -41,7 +41,9 @@ def os_error_reason(exc: BaseException) -> str:
         m = _HDF5_ERRNO.search(text)
         code = int(m[1]) if m else None
     if code in ERRNO_WORDS:
-        return ERRNO_WORDS[code]
+        detail = getattr(exc, "strerror", None)
+        own = detail and detail != os.strerror(code)  # a message of ours, such as how much room is left
+        return f"{ERRNO_WORDS[code]} ({detail})" if own else ERRNO_WORDS[code]
     if code:
         return os.strerror(code)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__

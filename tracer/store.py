@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -30,6 +31,8 @@ from tracer.stages import canonical_stages, layout_of
 FORMAT = "gpt2-tracer"
 FORMAT_VERSION = 1
 JSON_ATTRS = ("model_config", "versions")
+ROOM_MARGIN = 1 << 20  # free space a writer keeps: HDF5 must be able to flush its metadata and close
+METADATA_PER_DATASET = 4 << 10  # measured ~0.8 KiB (object header, attributes, links)
 
 
 def content_hash(array: np.ndarray) -> str:
@@ -60,6 +63,7 @@ class StageWriter:
         self._attrs = dict(attrs)
         self._h5: h5py.File | None = None
         self._signals = Deferred()
+        self._datasets = 0
         self._weight_hashes: dict[str, str] = {}
         self._input_hashes: dict[str, str] = {}
         self._orders: dict[str, dict[str, int]] = {}
@@ -80,6 +84,18 @@ class StageWriter:
 
     def _check_interrupt(self) -> None:
         self._signals.check()
+
+    def _check_room(self, nbytes: int) -> None:
+        """Stop with ENOSPC before HDF5 meets a full disk: its metadata flush then fails inside h5py's
+        cleanup callbacks, which print pages of ignored errors and can crash the process. The margin
+        keeps room for the metadata of every dataset so far, so the file still closes cleanly."""
+        self._datasets += 1
+        st = os.statvfs(self.tmp.parent)
+        free = st.f_bavail * st.f_frsize
+        headroom = ROOM_MARGIN + METADATA_PER_DATASET * self._datasets
+        if free < nbytes + headroom:
+            raise OSError(errno.ENOSPC, f"only {free / 2**20:.1f} MiB free; {nbytes / 2**20:.1f} MiB to write plus "
+                                        f"{headroom / 2**20:.1f} MiB kept to close the file")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._h5 is not None
@@ -132,6 +148,7 @@ class StageWriter:
     # -- content ---------------------------------------------------------------------------
     def _dataset(self, group: str, name: str, array: np.ndarray) -> h5py.Dataset:
         self._check_interrupt()
+        self._check_room(array.nbytes)
         ds = self._h5.require_group(group).create_dataset(name, data=array)
         ds.attrs["xxh3"] = content_hash(array)
         return ds
