@@ -149,9 +149,13 @@ def rename_into_place(tmp: Path, path: Path, force: bool) -> None:
         raise TracerError(f"{path} already exists (use --force to overwrite)")
     try:
         os.replace(tmp, path)
+        completed.append(path)
     except OSError as exc:
         raise io_error("write", path, exc) from None
-    completed.append(path)
+    except BaseException:  # Ctrl-C: if it landed just after the rename, the file is complete and says so
+        if path not in completed and not tmp.exists() and path.exists():
+            completed.append(path)
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, force: bool = False) -> None:

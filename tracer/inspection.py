@@ -69,6 +69,8 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
     """Metadata, then per case one line of statistics per stage with its first 8 values on a line
     of their own, laid out to fit the console (80 columns included) rather than cut by it."""
     meta = Table.grid(padding=(0, 2))
+    meta.add_column(no_wrap=True)
+    meta.add_column(overflow="fold")  # hashes have no spaces to wrap at: fold them, never cut them
     for key, value in info["metadata"].items():
         meta.add_row(f"[bold]{escape(key)}[/]", escape(str(value)))
     meta.add_row("[bold]weights[/]", f"{info['weights']} arrays" if info["weights"] else "not stored")
