@@ -188,7 +188,8 @@ def compare_cmd(
     junit_out: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per stage)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Fail on regression against this baseline."),
     update_baseline: bool = typer.Option(False, "--update-baseline", help="Write the baseline from this run."),
-    log_format: bool = typer.Option(False, "--log-format", help="Also print debug-print lines ([TAG] Layer L, Token T: [...]) to paste next to a port's own."),
+    log_format: bool = typer.Option(False, "--log-format", help="Also print debug-print lines ([TAG] Layer L, "
+                                    "Token T: [...]) to set beside a port's own."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every stage, not runs of passing ones."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report (exit code and files only)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing report files."),

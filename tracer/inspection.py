@@ -79,9 +79,9 @@ def render_inspection(info: dict[str, Any], console: Console) -> None:
         prompts = f" prompts={case['prompts']}" if case["prompts"] else ""
         dtypes = sorted({s["dtype"] for s in case["stages"]})
         dtype = f" · {dtypes[0]}" if len(dtypes) == 1 else ""  # one dtype for all: said here, not in a column
-        console.print(Text.assemble((case["case"], "bold cyan"), f" input_ids {'×'.join(map(str, case['input_ids_shape']))}"
-                                    f"{prompts} · {len(case['stages'])} stages{dtype} · {case['modules']} HF module "
-                                    "links"))
+        ids = "×".join(map(str, case["input_ids_shape"]))
+        console.print(Text.assemble((case["case"], "bold cyan"), f" input_ids {ids}{prompts} · {len(case['stages'])} "
+                                    f"stages{dtype} · {case['modules']} HF module links"))
         if case["stages"]:
             _stage_lines(case["stages"], console)
 

@@ -90,6 +90,8 @@ class StageWriter:
         cleanup callbacks, which print pages of ignored errors and can crash the process. The margin
         keeps room for the metadata of every dataset so far, so the file still closes cleanly."""
         self._datasets += 1
+        if not hasattr(os, "statvfs"):  # not POSIX: HDF5's own error is all there is
+            return
         st = os.statvfs(self.tmp.parent)
         free = st.f_bavail * st.f_frsize
         headroom = ROOM_MARGIN + METADATA_PER_DATASET * self._datasets
@@ -333,7 +335,8 @@ class StageFile:
         if fmt != FORMAT:
             raise TracerError(f"{p} is not a gpt2-tracer file (format attribute {fmt!r})")
         if version != FORMAT_VERSION:
-            newer = " (written by a newer gpt2-tracer: upgrade it to read this file)" if version > FORMAT_VERSION else ""
+            newer = " (written by a newer gpt2-tracer: upgrade it to read this file)" \
+                if version > FORMAT_VERSION else ""
             raise TracerError(f"{p} has format_version {version}; this tracer reads version {FORMAT_VERSION}{newer}")
         if cls.expected_kind and f.kind != cls.expected_kind:
             raise TracerError(f"{p} is a {f.kind} file, expected a {cls.expected_kind}")
