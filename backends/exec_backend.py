@@ -19,10 +19,12 @@ from pathlib import Path
 
 import h5py
 
+from tracer.atomic import Reservation, rename_into_place
 from tracer.errors import TracerError
-from tracer.store import Golden, Trace, check_output_path
+from tracer.store import Golden, Trace
 
 EXEC_PREFIX = "exec:"
+DEFAULT_TIMEOUT_S = 3600.0  # generous: a real port of gpt2-xl on a slow machine; --timeout to change it
 
 
 class ExecBackend:
@@ -33,7 +35,7 @@ class ExecBackend:
     inject = None
     supported_injections: frozenset[str] = frozenset()
 
-    def __init__(self, command: str):
+    def __init__(self, command: str, timeout: float | None = None):
         try:
             self.argv = shlex.split(command)
         except ValueError as exc:
@@ -42,6 +44,9 @@ class ExecBackend:
             raise TracerError('exec: empty command (use exec:"CMD {golden} {out}")')
         if not any("{out}" in arg for arg in self.argv):
             raise TracerError(f"exec command {command!r} has no {{out}}: the program must be told where to write")
+        self.timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+        if not self.timeout > 0:
+            raise TracerError(f"--timeout must be a positive number of seconds, not {self.timeout:g}")
         self.command = command
 
     @classmethod
@@ -50,28 +55,32 @@ class ExecBackend:
 
     def produce(self, golden_path: str | os.PathLike, out_path: str | os.PathLike, mode: str = "chained",
                 force: bool = False) -> None:
-        """Run the program, validate what it wrote, rename it onto `out_path`."""
-        out = check_output_path(out_path, force)
+        """Run the program, validate what it wrote, rename it onto `out_path` (reserved meanwhile)."""
         if mode != "chained" and not any("{mode}" in arg for arg in self.argv):
             raise TracerError(f"--mode {mode} asked for, but the exec command has no {{mode}} to pass it on")
         with Golden.open(golden_path) as golden:
             golden_id = golden.golden_id
-        tmp = out.with_name(f".{out.name}.exec-{os.getpid()}{out.suffix}")
-        argv = [arg.replace("{golden}", str(golden_path)).replace("{out}", str(tmp)).replace("{mode}", mode)
-                for arg in self.argv]
-        try:
-            self._run(argv, tmp)
-            if h5py.is_hdf5(tmp):
-                self._check_trace(tmp, golden_id, golden_path)
-                os.replace(tmp, out)
-            else:
-                self._import_foreign(tmp, golden_path, out)
-        finally:
-            _remove(tmp)
+        with Reservation(out_path, force) as reservation:
+            out = reservation.path
+            tmp = out.with_name(f".{out.name}.exec-{os.getpid()}{out.suffix}")
+            argv = [arg.replace("{golden}", str(golden_path)).replace("{out}", str(tmp)).replace("{mode}", mode)
+                    for arg in self.argv]
+            try:
+                self._run(argv, tmp)
+                if h5py.is_hdf5(tmp):
+                    self._check_trace(tmp, golden_id, golden_path)
+                    rename_into_place(tmp, out, force)
+                else:
+                    self._import_foreign(tmp, golden_path, out)
+            finally:
+                _remove(tmp)
 
     def _run(self, argv: list[str], tmp: Path) -> None:
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, errors="replace")
+            done = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            raise TracerError(f"exec program {argv[0]} did not finish within {self.timeout:g} s and was stopped "
+                              "(raise --timeout if it needs longer)") from None
         except OSError as exc:
             raise TracerError(f"exec: cannot run {argv[0]!r}: {exc.strerror or exc}") from None
         if done.returncode != 0:

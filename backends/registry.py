@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,10 +56,14 @@ def load_class(path: str) -> type[Backend]:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise TracerError(f"backend path {path!r} must look like package.module:Class")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # a package in the current directory, as `python -m` finds it (installed ones win)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise TracerError(f"cannot import {module_name}: {exc}") from None
+        where = f" (neither installed nor under the current directory {os.getcwd()})" \
+            if isinstance(exc, ModuleNotFoundError) and exc.name == module_name.split(".")[0] else ""
+        raise TracerError(f"cannot import {module_name}: {exc}{where}") from None
     except Exception as exc:  # a plugin failing to import is the user's input, not our bug
         raise TracerError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from None
     if not hasattr(module, attr):
@@ -92,13 +98,15 @@ def backend_class(spec: str) -> type[Backend] | type[ExecBackend]:
                       "or package.module:Class, or exec:\"CMD {golden} {out}\")")
 
 
-def resolve_backend(spec: str, precision: str = "fp32", inject: str | None = None) -> Backend | ExecBackend:
-    """A ready-to-prepare backend instance for `spec`, or TracerError saying why not."""
+def resolve_backend(spec: str, precision: str = "fp32", inject: str | None = None,
+                    timeout: float | None = None) -> Backend | ExecBackend:
+    """A ready-to-prepare backend instance for `spec`, or TracerError saying why not. `timeout`
+    bounds an exec: program (None: its generous default)."""
     spec = spec.strip()
     if spec.startswith(EXEC_PREFIX):
         if inject or precision != "fp32":
             raise TracerError("--inject and --precision do not apply to exec: backends (the program decides)")
-        return ExecBackend(spec[len(EXEC_PREFIX):])
+        return ExecBackend(spec[len(EXEC_PREFIX):], timeout)
     cls = backend_class(spec)
     available, why = _availability(cls)
     if not available:

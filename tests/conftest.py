@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -145,11 +146,15 @@ def run_cli(monkeypatch) -> Callable[..., CLIResult]:
         out, err = io.StringIO(), io.StringIO()
         monkeypatch.setattr(sys, "argv", ["tracer", *map(str, args)])
         code = 0
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() takes them over
         with redirect_stdout(out), redirect_stderr(err):
             try:
                 main()
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            finally:
+                for s, handler in handlers.items():
+                    signal.signal(s, handler)
         return code, out.getvalue(), err.getvalue()
 
     return run

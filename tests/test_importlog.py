@@ -1,4 +1,4 @@
-"""`tracer import-log`: seed-style debug prints turned into partial traces (SPEC §4)."""
+"""`tracer import-log`: debug-print lines turned into partial traces (SPEC §4)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tracer.importlog import import_log, import_log_command, load_tag_map, norma
 from tracer.store import Golden, Trace
 
 PROMPT = "Seed logs!"  # T = 10
-FIRST = 8  # values per line, as a seed-style port prints them
+FIRST = 8  # values per line, as a port's debug prints show them
 
 
 def token_slice(array: np.ndarray, b: int, t: int, head: int = 0) -> np.ndarray:
@@ -167,7 +167,7 @@ def test_unknown_tags_are_reported_and_only_fatal_when_nothing_maps(tmp_path, go
     with Golden.open(golden) as g, pytest.raises(TracerError, match="no tag .* maps to a stage.*AFTER_MYSTERY"):
         import_log(log, g, tmp_path / "t2.h5")
     log.write_text("nothing to see\n")
-    with Golden.open(golden) as g, pytest.raises(TracerError, match="no seed-style lines"):
+    with Golden.open(golden) as g, pytest.raises(TracerError, match="no debug-print lines"):
         import_log(log, g, tmp_path / "t2.h5")
 
 

@@ -1,4 +1,4 @@
-"""Reports: JSON round trip and schema, JUnit, HTML, Markdown, terminal at 80 columns, seed-style lines.
+"""Reports: JSON round trip and schema, JUnit, HTML, Markdown, terminal at 80 columns, debug-print lines.
 
 Results come from real comparisons of the tiny golden (module-scoped, built once): a correct
 NumPy replay, one with a missing 1/√D in the scores, and a tampered one whose trace lacks a
@@ -28,7 +28,7 @@ from tracer.gate import load_baseline, regressions, write_baseline
 from tracer.importlog import FIELD, LOCATED, TAG_LINE, load_tag_map, normalize_tag
 from tracer.replay import replay
 from tracer.reports import write_report
-from tracer.reports.common import fmt_num, out_of_tolerance, passing_tolerance_line, seed_tags
+from tracer.reports.common import fmt_num, out_of_tolerance, passing_tolerance_line, print_tags
 from tracer.reports.html import render_html
 from tracer.reports.junit import render_junit
 from tracer.reports.markdown import render_markdown
@@ -385,7 +385,7 @@ def test_log_format_lines_parse_back(results):
     assert len(lines) == len(expected) > 0
     for m, (side, (stage, table)) in zip(lines, expected):
         layer, local = split_stage(stage.stage)
-        assert m["tag"] == seed_tags()[local]
+        assert m["tag"] == print_tags()[local]
         head, _, tail = m["rest"].partition(":")
         fields = {k.lower(): int(v) for k, v in FIELD.findall(head)}
         assert fields["token"] == table.token and fields.get("layer") == layer
@@ -394,8 +394,8 @@ def test_log_format_lines_parse_back(results):
         np.testing.assert_allclose(values, getattr(table, side), rtol=1e-6)
 
 
-def test_seed_tags_come_from_the_shipped_map():
-    tags = seed_tags()
+def test_print_tags_come_from_the_shipped_map():
+    tags = print_tags()
     known = load_tag_map()
     for local, tag in tags.items():
         if normalize_tag(tag) in known:

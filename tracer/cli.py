@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from tracer.errors import TracerError
+from tracer.errors import TracerError, io_error
 
 app = typer.Typer(
     help="Layer-by-layer differential debugging of GPT-2 ports: record golden activations of a Hugging Face "
@@ -55,27 +55,41 @@ def record(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
     """Record golden activations of every GPT-2 stage into an HDF5 file."""
-    from tracer.models import RANDOM_PREFIX, load_model
-    from tracer.progress import track
-    from tracer.record import build_cases, record_golden
-    from tracer.stages import StageSelector
-    from tracer.store import check_output_path
+    from tracer.atomic import Reservation
+    from tracer.hub import preflight
+    from tracer.progress import session
 
-    check_output_path(output, force)  # fail before loading a model
-    texts = list(prompt)
-    if prompts_file is not None:
-        if not prompts_file.is_file():
-            raise TracerError(f"prompts file {prompts_file} does not exist")
-        texts += [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    id_lists = [parse_ids(x) for x in ids]  # fail on bad ids before loading a model
-    source = f"{RANDOM_PREFIX}{random}" if random else model
-    loaded = load_model(source, dtype=dtype, device=device, attn=attn, seed=seed)
-    cases = build_cases(loaded, texts, id_lists, batch)
-    record_golden(loaded, cases, str(output), dtype=dtype, attn=attn, selector=StageSelector.parse(stages),
-                  with_weights=not no_weights, force=force, seed=seed,
-                  progress=partial(track, description="recording", quiet=quiet))
+    with Reservation(output, force), session(quiet):  # an unwritable or busy output fails before the model loads
+        texts = list(prompt) + (read_prompts_file(prompts_file) if prompts_file is not None else [])
+        id_lists = [parse_ids(x) for x in ids]  # fail on bad ids before loading a model
+        preflight(model if random is None else "random:")  # an unreachable hub fails before the slow imports
+        from tracer.models import RANDOM_PREFIX, load_model
+        from tracer.progress import track
+        from tracer.record import build_cases, record_golden
+        from tracer.stages import StageSelector
+
+        source = f"{RANDOM_PREFIX}{random}" if random else model
+        loaded = load_model(source, dtype=dtype, device=device, attn=attn, seed=seed)
+        cases = build_cases(loaded, texts, id_lists, batch)
+        record_golden(loaded, cases, str(output), dtype=dtype, attn=attn, selector=StageSelector.parse(stages),
+                      with_weights=not no_weights, force=force, seed=seed,
+                      progress=partial(track, description="recording", quiet=quiet))
     if not quiet:
         console.print(f"recorded {len(cases)} case(s) of {loaded.source} ({dtype}, {attn}, {device}) -> {output}")
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """Non-empty lines of a UTF-8 text file."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise TracerError(f"prompts file {path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise TracerError(f"prompts file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise io_error("read", path, exc) from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 @app.command()
@@ -98,6 +112,10 @@ def inspect(
         render_inspection(info, console)
 
 
+TIMEOUT_OPT = typer.Option(None, "--timeout", help="Seconds an exec: backend may run before it is stopped "
+                           "(default: one hour).")
+
+
 @app.command()
 def replay(
     golden: Optional[Path] = typer.Argument(None, help="Golden file to replay (weights and inputs come from it)."),
@@ -111,11 +129,12 @@ def replay(
                                          "catalog."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    timeout: Optional[float] = TIMEOUT_OPT,
 ) -> None:
     """Replay a golden's inputs through a candidate backend and record its trace."""
     from tracer.replay import replay_command
 
-    replay_command(golden, backend, output, mode, precision, inject, force, quiet, console)
+    replay_command(golden, backend, output, mode, precision, inject, force, quiet, console, timeout)
 
 
 @app.command()
@@ -128,9 +147,9 @@ def backends() -> None:
 
 @app.command("import-log")
 def import_log(
-    log: Path = typer.Argument(..., help="Text log with seed-style lines: [AFTER_LN1] Layer 0, Token 0: [...]"),
+    log: Path = typer.Argument(..., help="Text log with debug-print lines: [AFTER_LN1] Layer 0, Token 0: [...]"),
     golden: Path = typer.Option(..., "--golden", "-g", help="The golden the logged run corresponds to."),
-    map: Optional[Path] = typer.Option(None, "--map", help="TOML tag map (default: the shipped seed_tags.toml)."),
+    map: Optional[Path] = typer.Option(None, "--map", help="TOML tag map (default: the shipped print_tags.toml)."),
     case: Optional[str] = typer.Option(None, "--case", help="Golden case the log belongs to (when it has several)."),
     output: Path = typer.Option(..., "-o", "--output", help="Trace file to write (.h5)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
@@ -171,9 +190,12 @@ def compare_cmd(
     update_baseline: bool = typer.Option(False, "--update-baseline", help="Write the baseline from this run."),
     require: Optional[str] = typer.Option(None, "--require", help="Stages the trace must hold: 'all' or globs "
                                           "(comma-separated); a missing one fails instead of being listed."),
-    log_format: bool = typer.Option(False, "--log-format", help="Also print seed-style log lines."),
+    log_format: bool = typer.Option(False, "--log-format", help="Also print debug-print lines ([TAG] Layer L, "
+                                    "Token T: [...]) to set beside a port's own."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every stage, not runs of passing ones."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal report (exit code and files only)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing report files."),
+    timeout: Optional[float] = TIMEOUT_OPT,
     weights: Optional[Path] = typer.Option(None, "--weights", help="The port's own weights (any format `tracer "
                                            "weights` reads): reference and oracle use them, dequantized."),
 ) -> None:
@@ -182,7 +204,8 @@ def compare_cmd(
 
     reports = {k: v for k, v in (("json", json_out), ("html", html_out), ("md", md_out), ("junit", junit_out)) if v}
     req = CompareRequest(golden, trace, backend, inject, precision, mode, tolerance, stage, token, case, name_map,
-                         reports, baseline, update_baseline, require, log_format, verbose, quiet, weights)
+                         reports, baseline, update_baseline, require, log_format, verbose, quiet,
+                         weights=weights, force=force, timeout=timeout)
     raise typer.Exit(compare_command(req, console))
 
 
@@ -208,11 +231,12 @@ def report(
     result: Path = typer.Argument(..., help="Result JSON written by compare --json."),
     fmt: str = typer.Option("terminal", "--format", help="terminal, html, md, junit or json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (terminal prints)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
 ) -> None:
     """Render a saved comparison result in another format."""
     from tracer.reports import report_command
 
-    report_command(result, fmt, output, console)
+    report_command(result, fmt, output, console, force)
 
 
 @app.command("weights")
@@ -294,30 +318,10 @@ def import_manifest(
 
 
 def main() -> None:
-    """Console entry point: one clear line and exit 2 for input errors and Ctrl-C."""
-    try:
-        rc = app(standalone_mode=False)
-    except TracerError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]: nothing was written", highlight=False)
-        sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except (typer.Abort, EOFError):
-        sys.exit(2)
-    except Exception as exc:  # click usage errors
-        import click
+    """Console entry point; `tracer.boundary` turns every failure into one line and exit code 2."""
+    from tracer.boundary import run_console
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
-    if rc == 130:  # typer maps Ctrl-C to 130 before our handler sees it
-        err_console.print("[bold red]interrupted[/]: nothing was written", highlight=False)
-        sys.exit(2)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    sys.exit(run_console(app, err_console, sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def run_demo(out_dir: Path, console: Console, inject: str = DEFAULT_BUG) -> int:
     console.print(f"$ tracer compare {golden} --backend numpy --inject {inject} --html {html}", highlight=False)
     buggy = run_compare(CompareRequest(golden, backend="numpy", inject=inject, quiet=True))
     render_terminal(buggy, console)
-    write_report(buggy, "html", html, console)
+    write_report(buggy, "html", html, console, force=True)  # the demo's own directory: rerunning it refreshes it
     console.rule("[bold]4. the report")
     console.print(f"open {html} in a browser: error per stage, the divergence, tables and metadata in one file.")
     return 0

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from tracer.dumpnotes import dump_notes
-from tracer.errors import TracerError
+from tracer.errors import TracerError, io_error
 from tracer.record import trace_attrs
 from tracer.stages import (BLOCK_STAGES, EMBED_STAGES, FINAL_STAGES, canonical_stages, hf_aliases, hf_sources,
                            layout_of, split_stage, stage_order)
@@ -59,16 +59,21 @@ def is_foreign(path: str | os.PathLike) -> bool:
 
 
 # -- TOML maps -------------------------------------------------------------------------------------
+PRINT_TAGS = "print_tags.toml"  # tags of debug-print lines ([AFTER_LN1] Layer 0, Token 0: [...])
+MAP_ALIASES = {"seed_tags": "print_tags"}  # former names of shipped maps
+
+
 def maps_dir() -> Path:
     return Path(str(resources.files("tracer") / "data" / "maps"))
 
 
 def resolve_map_path(arg: str | os.PathLike) -> Path:
-    """A map file, or the bare name of a shipped one (`transformerlens`, `pycandle`, `seed_tags`)."""
+    """A map file, or the bare name of a shipped one (`transformerlens`, `pycandle`, `print_tags`;
+    `seed_tags`, its former name, still works)."""
     p = Path(arg)
     if p.is_file():
         return p
-    shipped = maps_dir() / f"{p.name}.toml"
+    shipped = maps_dir() / f"{MAP_ALIASES.get(p.name, p.name)}.toml"
     if p.suffix == "" and p.parent == Path(".") and shipped.is_file():
         return shipped
     names = ", ".join(sorted(f.stem for f in maps_dir().glob("*.toml")))
@@ -79,10 +84,10 @@ def load_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise TracerError(f"{path} is not valid TOML: {exc}") from None
     except OSError as exc:
-        raise TracerError(f"cannot read {path}: {exc.strerror}") from None
+        raise io_error("read", path, exc) from None
 
 
 def is_local_stage(local: str) -> bool:

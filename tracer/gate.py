@@ -36,7 +36,7 @@ def baseline_of(result: CompareResult) -> dict:
 
 
 def write_baseline(result: CompareResult, path: str | Path) -> None:
-    write_text_atomic(path, json.dumps(_finite(baseline_of(result)), indent=1, sort_keys=True))
+    write_text_atomic(path, json.dumps(_finite(baseline_of(result)), indent=1, sort_keys=True), force=True)
 
 
 def load_baseline(path: str | Path) -> dict:

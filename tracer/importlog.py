@@ -1,4 +1,4 @@
-"""`tracer import-log`: seed-style debug prints of a port, turned into a partial trace.
+"""`tracer import-log`: a port's debug-print lines, turned into a partial trace.
 
 Hand-written ports often print the first values of a few tensors:
 
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from tracer.errors import TracerError
-from tracer.foreign import Warn, default_warn, is_local_stage, load_toml, maps_dir, pick_case, resolve_map_path
+from tracer.foreign import (PRINT_TAGS, Warn, default_warn, is_local_stage, load_toml, maps_dir, pick_case,
+                            resolve_map_path)
 from tracer.record import trace_attrs
 from tracer.stages import EMBED_STAGES, FINAL_STAGES, SEED_LABELS, block_stage, layout_of, stage_order
 from tracer.store import CaseView, Golden, StageWriter, check_output_path
@@ -42,9 +43,9 @@ def normalize_tag(tag: str) -> str:
 
 
 def load_tag_map(path: str | os.PathLike | None = None) -> dict[str, str]:
-    """Normalized tag -> local stage name ("" = ignore): seed labels, shipped tags, then `path` over them."""
+    """Normalized tag -> local stage name ("" = ignore): known labels, shipped tags, then `path` over them."""
     tags = {normalize_tag(k): v for k, v in SEED_LABELS.items()}
-    for p in [maps_dir() / "seed_tags.toml"] + ([resolve_map_path(path)] if path is not None else []):
+    for p in [maps_dir() / PRINT_TAGS] + ([resolve_map_path(path)] if path is not None else []):
         data = load_toml(p)
         if set(data) - {"tags", "description"} or not isinstance(data.get("tags", {}), dict):
             raise TracerError(f"{p}: expected a [tags] table (TAG = \"stage\")")
@@ -203,7 +204,7 @@ def read_log(log_path: Path, golden: Golden, view: CaseView, tags: dict[str, str
 def import_log(log_path: str | os.PathLike, golden: Golden, out: str | os.PathLike, *,
                tag_map: str | os.PathLike | None = None, case: str | None = None, force: bool = False,
                warn: Warn = default_warn) -> ImportSummary:
-    """Convert a seed-style log into a trace file holding the printed values (partial stages)."""
+    """Convert a log of debug-print lines into a trace file holding the printed values (partial stages)."""
     log = Path(log_path)
     if not log.is_file():
         raise TracerError(f"no such log file: {log}")
@@ -215,7 +216,7 @@ def import_log(log_path: str | os.PathLike, golden: Golden, out: str | os.PathLi
     if not stages:
         if unknown:
             raise TracerError(f"no tag in {log} maps to a stage (found: {unknown}); pass --map with a [tags] table")
-        raise TracerError(f"{log} has no seed-style lines such as '[AFTER_LN1] Layer 0, Token 0: [v0, v1, ...]'")
+        raise TracerError(f"{log} has no debug-print lines such as '[AFTER_LN1] Layer 0, Token 0: [v0, v1, ...]'")
     if unknown:
         warn(f"{log}: unknown tags left out: {unknown}")
     if summary.missing:

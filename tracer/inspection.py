@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from rich.console import Console, Group
+from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
-from rich.tree import Tree
+from rich.text import Text
 
-from tracer.stages import StageSelector, split_stage
+from tracer.stages import StageSelector
 from tracer.store import CaseView, StageFile
 
 META_KEYS = ("kind", "model_source", "dtype", "device", "attn_implementation", "tf32", "created", "producer",
@@ -60,37 +61,69 @@ def inspect_file(f: StageFile, selector: StageSelector, token: int) -> dict[str,
             "metadata": meta, "weights": len(f.h5["weights"]) if f.has_weights else 0, "cases": cases}
 
 
-def _fmt(v: float | None) -> str:
-    return "—" if v is None else f"{v:.4g}"
+def _fmt(v: float | None, digits: int) -> str:
+    return "—" if v is None else f"{v:.{digits}g}"
 
 
 def render_inspection(info: dict[str, Any], console: Console) -> None:
+    """Metadata, then per case one line of statistics per stage with its first 8 values on a line
+    of their own, laid out to fit the console (80 columns included) rather than cut by it."""
     meta = Table.grid(padding=(0, 2))
+    meta.add_column(no_wrap=True)
+    meta.add_column(overflow="fold")  # hashes have no spaces to wrap at: fold them, never cut them
     for key, value in info["metadata"].items():
-        meta.add_row(f"[bold]{key}[/]", str(value))
+        meta.add_row(f"[bold]{escape(key)}[/]", escape(str(value)))
     meta.add_row("[bold]weights[/]", f"{info['weights']} arrays" if info["weights"] else "not stored")
-    console.print(Panel(meta, title=f"{info['file']} · format v{info['format_version']}", expand=False))
-    tree = Tree(f"[bold]{len(info['cases'])} case(s)[/]")
+    console.print(Panel(meta, title=escape(f"{info['file']} · format v{info['format_version']}"), expand=False))
     for case in info["cases"]:
         prompts = f" prompts={case['prompts']}" if case["prompts"] else ""
-        node = tree.add(f"[bold cyan]{case['case']}[/] input_ids {case['input_ids_shape']}{prompts} · "
-                        f"{len(case['stages'])} stages · {case['modules']} HF module links")
-        table = Table(box=None, pad_edge=False, show_edge=False)
-        token = case["stages"][0]["token"] if case["stages"] else 0
-        table.add_column("stage", no_wrap=True, min_width=20)
-        table.add_column("shape", no_wrap=True, min_width=9)
-        table.add_column("dtype", no_wrap=True)
-        for col in ("min", "max", "mean", "std"):
-            table.add_column(col, no_wrap=True, justify="right")
-        table.add_column(f"first 8 @ token {token}", overflow="fold", min_width=16)
-        block = None
-        for s in case["stages"]:
-            b = split_stage(s["stage"])[0]
-            if b != block and block is not None:
-                table.add_section()
-            block = b
-            bad = f" [red]{s['nonfinite']} non-finite[/]" if s["nonfinite"] else ""
-            table.add_row(s["stage"], "×".join(map(str, s["shape"])), s["dtype"], _fmt(s["min"]), _fmt(s["max"]),
-                          _fmt(s["mean"]), _fmt(s["std"]) + bad, " ".join(f"{v:.4g}" for v in s["first8"]))
-        node.add(Group(table))
-    console.print(tree)
+        dtypes = sorted({s["dtype"] for s in case["stages"]})
+        dtype = f" · {dtypes[0]}" if len(dtypes) == 1 else ""  # one dtype for all: said here, not in a column
+        ids = "×".join(map(str, case["input_ids_shape"]))
+        console.print(Text.assemble((case["case"], "bold cyan"), f" input_ids {ids}{prompts} · {len(case['stages'])} "
+                                    f"stages{dtype} · {case['modules']} HF module links"))
+        if case["stages"]:
+            _stage_lines(case["stages"], console)
+
+
+def _stage_lines(stages: list[dict[str, Any]], console: Console) -> None:
+    width = console.width
+    shapes = ["×".join(map(str, s["shape"])) for s in stages]
+    dtypes = sorted({s["dtype"] for s in stages})
+    show_dtype = len(dtypes) > 1
+    w_stage = max(5, *(len(s["stage"]) for s in stages))
+    w_shape = max(5, *map(len, shapes))
+    w_dtype = max(len(d) for d in dtypes) + 2 if show_dtype else 0
+    digits = 4
+    while digits > 2 and w_stage + w_shape + 2 + w_dtype + 4 * (digits + 7) > width:
+        digits -= 1  # fewer significant digits before anything is cut
+    w_num = digits + 7  # sign, point, e-XX and a space
+
+    def row(stage: str, shape: str, dtype: str, numbers: list[str]) -> str:
+        cells = stage.ljust(w_stage) + "  " + shape.ljust(w_shape) + (dtype.ljust(w_dtype) if show_dtype else "")
+        return cells + "".join(n.rjust(w_num) for n in numbers)
+
+    head = row("stage", "shape", "dtype", ["min", "max", "mean", "std"])
+    console.print(Text(head, style="bold"), no_wrap=True, crop=False)
+    for s, shape in zip(stages, shapes):
+        stats = [_fmt(s[k], digits) for k in ("min", "max", "mean", "std")]
+        console.print(row(s["stage"], shape, s["dtype"], stats), highlight=False, markup=False)
+        label = f"  first 8 @ token {s['token']}:"
+        values = [f"{v:.4g}" for v in s["first8"]]
+        bad = [f"({s['nonfinite']} non-finite)"] if s["nonfinite"] else []
+        for line in _wrap(label, values + bad, width):
+            console.print(Text(line, style="dim"), no_wrap=True, crop=False)
+
+
+def _wrap(label: str, words: list[str], width: int) -> list[str]:
+    """`label w0 w1 ...` in lines of at most `width`, continuation lines indented under the first value."""
+    lines, line = [], label
+    indent = " " * (len(label) + 1)
+    for w in words:
+        if len(line) + 1 + len(w) > width and line.strip() != label.strip() and line != indent:
+            lines.append(line)
+            line = indent + w
+        else:
+            line = f"{line} {w}" if line != indent else line + w
+    lines.append(line)
+    return lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,8 @@ from typing import Callable
 import torch
 
 from tracer.errors import TracerError
+from tracer.hub import check_hub_reachable, hub_cached
+from tracer.progress import step, track
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -97,9 +100,22 @@ def _load_random(name: str, seed: int, attn: str) -> LoadedModel:
     except ValueError as exc:
         raise TracerError(str(exc)) from None
     config._attn_implementation = attn
-    model = GPT2LMHeadModel(config)
-    realistic_init_(model, seed)
+    with step(f"building {name} ({config.n_layer} layers)", 1) as advance:
+        with _no_default_init():  # realistic_init_ overwrites every parameter: HF's own init would be wasted
+            model = GPT2LMHeadModel(config)
+        model.tie_weights()  # skipped along with the init; lm_head must stay wte, as in any GPT-2
+        advance()
+    realistic_init_(model, seed, progress=partial(track, description="initialising weights (per layer)"))
     return LoadedModel(model, f"{RANDOM_PREFIX}{name}?seed={seed}", "bytes", byte_encode, byte_decode)
+
+
+def _no_default_init():
+    """transformers' switch that skips the random init of a model being built."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _looks_like_path(source: str) -> bool:
@@ -114,8 +130,12 @@ def _load_pretrained(source: str | Path, attn: str, description: str) -> LoadedM
     path = Path(source).expanduser()
     if _looks_like_path(str(source)) and not path.is_dir():
         raise TracerError(f"model directory {source} does not exist")
+    where = str(path if path.is_dir() else source)
+    local_only = path.is_dir() or hub_cached(where)
+    if not local_only:
+        check_hub_reachable(where)
     try:
-        config = AutoConfig.from_pretrained(str(path if path.is_dir() else source))
+        config = AutoConfig.from_pretrained(where, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TracerError(
@@ -124,20 +144,22 @@ def _load_pretrained(source: str | Path, attn: str, description: str) -> LoadedM
     if config.model_type != "gpt2":
         raise TracerError(f"model {str(source)!r} is a {config.model_type!r} model; only GPT-2 is supported")
     try:
-        model = GPT2LMHeadModel.from_pretrained(str(path if path.is_dir() else source), attn_implementation=attn)
+        with step(f"loading {description} ({config.n_layer} layers)", 1) as advance:
+            model = GPT2LMHeadModel.from_pretrained(where, attn_implementation=attn, local_files_only=local_only)
+            advance()
     except (OSError, ValueError) as exc:
         raise TracerError(f"cannot load weights of {str(source)!r}: {str(exc).splitlines()[0]}") from None
     has_tokenizer = not path.is_dir() or any((path / f).exists() for f in ("tokenizer.json", "vocab.json"))
-    encode, decode, kind = _hf_tokenizer(str(path if path.is_dir() else source)) if has_tokenizer else (
+    encode, decode, kind = _hf_tokenizer(where, local_only) if has_tokenizer else (
         byte_encode, byte_decode, "bytes")
     return LoadedModel(model, description, kind, encode, decode)
 
 
-def _hf_tokenizer(where: str):
+def _hf_tokenizer(where: str, local_only: bool):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(where)
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
     except (OSError, ValueError):
         return byte_encode, byte_decode, "bytes"
     return (lambda text: tok.encode(text)), (lambda ids: tok.decode(ids)), "hf"

@@ -12,6 +12,7 @@ import torch
 
 from tracer.errors import TracerError
 from tracer.models import LoadedModel, to_numpy, weights_of, weights_sha256
+from tracer.progress import step, track
 from tracer.recorder import CaseInput, Recorder
 from tracer.stages import StageSelector, canonical_stages, stage_order
 from tracer.store import StageFile, StageWriter
@@ -106,16 +107,22 @@ def record_golden(loaded: LoadedModel, cases: list[CaseInput], out: str, *, dtyp
         "tokenizer": loaded.tokenizer_kind,
     }
     orders = stage_order(model.config.n_layer)
+    n_stages = len(selector.select(canonical_stages(model.config.n_layer)))
     with StageWriter(out, "golden", attrs, force=force) as writer:
         if with_weights:
-            writer.write_weights({k: to_numpy(v) for k, v in weights.items()}, ties)
+            for name in track(list(weights), "writing weights"):
+                writer.write_weights({name: to_numpy(weights[name])})
+            writer.write_weights({}, ties)
         for case in (progress(cases) if progress else cases):
             writer.begin_case(case.name, case.input_ids, case.attention_mask, case.prompts)
+            with step(f"{case.name}: forward, writing stages", n_stages) as written:
 
-            def sink(stage: str, value: torch.Tensor, hf_module: str, _case=case.name) -> None:
-                writer.write_stage(_case, stage, to_numpy(value), orders[stage], hf_module)
+                def sink(stage: str, value: torch.Tensor, hf_module: str, _case=case.name, _done=written) -> None:
+                    writer.write_stage(_case, stage, to_numpy(value), orders[stage], hf_module)
+                    _done()
 
-            with Recorder(model, sink, selector) as rec:
-                rec.run(torch.from_numpy(case.input_ids).to(device), torch.from_numpy(case.attention_mask).to(device))
-                for path, stage in rec.links().items():
-                    writer.link_module(case.name, path, stage)
+                with Recorder(model, sink, selector) as rec:
+                    rec.run(torch.from_numpy(case.input_ids).to(device),
+                            torch.from_numpy(case.attention_mask).to(device))
+                    for path, stage in rec.links().items():
+                        writer.link_module(case.name, path, stage)

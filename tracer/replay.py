@@ -28,8 +28,9 @@ from backends.exec_backend import ExecBackend
 from backends.inject import describe_catalog
 from backends.protocol import Backend
 from backends.registry import backend_class, resolve_backend
-from tracer.errors import TracerError
-from tracer.progress import track
+from tracer.atomic import Reservation
+from tracer.errors import TracerError, io_error
+from tracer.progress import session, step, track
 from tracer.record import trace_attrs
 from tracer.store import CaseView, Golden, StageWriter, check_output_path
 from tracer.stages import stage_order
@@ -40,7 +41,8 @@ class StageTap:
     """The `tap` of one forward: records each stage, returns the value the backend goes on with."""
 
     def __init__(self, backend: Backend, writer: StageWriter, golden_case: CaseView, group: str,
-                 orders: dict[str, int]):
+                 orders: dict[str, int], on_stage: Callable[[], None] = lambda: None):
+        self.on_stage = on_stage
         self.backend = backend
         self.writer = writer
         self.golden_case = golden_case
@@ -69,7 +71,8 @@ class StageTap:
         try:
             self.writer.write_stage(self.golden_case.name, stage, array, self.orders[stage], group=self.group)
         except OSError as exc:
-            raise TracerError(f"could not write {self.writer.path}: {exc}") from None
+            raise io_error("write", self.writer.path, exc) from None
+        self.on_stage()
 
 
 def expected_logits_shape(case: CaseView) -> tuple[int, ...]:
@@ -85,14 +88,15 @@ def _one_line(exc: BaseException) -> str:
 
 def replay_case(backend: Backend, case: CaseView, writer: StageWriter, group: str, orders: dict[str, int]) -> None:
     """One forward of `case` with a tap writing into `group`; the returned logits are checked."""
-    tap = StageTap(backend, writer, case, group, orders)
-    try:
-        logits = backend.forward(case.input_ids, tap, case.attention_mask)
-        array = np.asarray(backend.to_numpy(logits))
-    except TracerError:
-        raise
-    except Exception as exc:
-        raise TracerError(f"backend {backend.name} failed in case {case.name!r}: {_one_line(exc)}") from None
+    with step(f"{case.name}: {group} forward, writing stages", len(case.stages())) as advance:
+        tap = StageTap(backend, writer, case, group, orders, advance)
+        try:
+            logits = backend.forward(case.input_ids, tap, case.attention_mask)
+            array = np.asarray(backend.to_numpy(logits))
+        except TracerError:
+            raise
+        except Exception as exc:
+            raise TracerError(f"backend {backend.name} failed in case {case.name!r}: {_one_line(exc)}") from None
     expected = expected_logits_shape(case)
     if array.shape != expected:
         raise TracerError(f"backend {backend.name} returned logits of shape {tuple(array.shape)} in case "
@@ -156,7 +160,7 @@ def print_catalog(console: Console, backend_spec: str | None = None) -> None:
 
 def replay_command(golden: Path | None, backend_spec: str, out: Path | None, mode: str = "chained",
                    precision: str = "fp32", inject: str | None = None, force: bool = False, quiet: bool = False,
-                   console: Console | None = None) -> None:
+                   console: Console | None = None, timeout: float | None = None) -> None:
     """Everything `tracer replay` does, so the CLI is a thin typer wrapper around it."""
     console = console or Console()
     if inject == "list":
@@ -168,10 +172,10 @@ def replay_command(golden: Path | None, backend_spec: str, out: Path | None, mod
         raise TracerError("replay needs an output trace: -o TRACE.h5")
     if mode not in MODES:
         raise TracerError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    check_output_path(out, force)  # fail before loading anything
-    backend = resolve_backend(backend_spec, precision, inject)
-    replay(golden, backend, out, mode, force, progress=partial(track, description=f"replaying ({backend.name})",
-                                                               quiet=quiet))
+    with Reservation(out, force), session(quiet):  # an unwritable or busy output fails before loading anything
+        backend = resolve_backend(backend_spec, precision, inject, timeout)
+        replay(golden, backend, out, mode, force, progress=partial(track, description=f"replaying ({backend.name})",
+                                                                   quiet=quiet))
     if not quiet:
         what = ", ".join(x for x in (getattr(backend, "precision", ""), mode, inject and f"inject {inject}") if x)
         console.print(f"replayed {golden} through {backend.name} ({what}) -> {out}")

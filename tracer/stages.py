@@ -158,7 +158,7 @@ def hf_aliases(n_layer: int) -> dict[str, str]:
     return {**_expand(HF_SOURCES, n_layer), **_expand(HF_ALIASES, n_layer)}
 
 
-# Seed-style labels used by hand-written debug prints, mapped to canonical local names.
+# Labels hand-written debug prints use ("LN1", "Q proj"), mapped to canonical local names.
 SEED_LABELS = {
     "input": "embed.sum", "LN1": "ln1", "Q proj": "attn.q", "attention": "attn.probs",
     "concat": "attn.ctx", "O proj": "attn.out", "residual 1": "resid_mid", "LN2": "ln2",

@@ -9,12 +9,12 @@ content hash that full reads verify, so a flipped bit names its stage.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
-import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,16 @@ import h5py
 import numpy as np
 import xxhash
 
-from tracer.errors import TracerError
+from tracer.atomic import OutputFile, check_output_path
+from tracer.errors import TracerError, io_error
+from tracer.interrupts import Deferred
 from tracer.stages import canonical_stages, layout_of
 
 FORMAT = "gpt2-tracer"
 FORMAT_VERSION = 1
 JSON_ATTRS = ("model_config", "versions")
+ROOM_MARGIN = 1 << 20  # free space a writer keeps: HDF5 must be able to flush its metadata and close
+METADATA_PER_DATASET = 4 << 10  # measured ~0.8 KiB (object header, attributes, links)
 
 
 def content_hash(array: np.ndarray) -> str:
@@ -40,89 +44,86 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def check_output_path(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to clobber an existing file (without --force) or write where we cannot."""
-    out = Path(path)
-    if out.is_dir():
-        raise TracerError(f"output path {out} is a directory")
-    if out.exists() and not force:
-        raise TracerError(f"{out} already exists (use --force to overwrite)")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise TracerError(f"cannot write {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise TracerError(f"cannot write {out}: directory {parent} is not writable")
-    return out
-
-
 class StageWriter:
-    """Writes a golden or trace file atomically. Use as a context manager.
+    """Writes a golden or trace file by the output rule of `tracer.atomic`. Use as a context manager.
 
-    On a clean exit the temporary file is renamed onto `path`; on any exception
-    (including KeyboardInterrupt and a full disk) it is deleted and `path` is untouched.
+    Entering reserves the path (a second writer of it fails there) and opens a temporary file;
+    a clean exit renames it onto `path`. On any exception (a full disk, Ctrl-C, SIGTERM) it is
+    deleted and `path` is untouched. Signals are deferred to the next write (see
+    `tracer.interrupts`), so they cannot be lost inside h5py.
     """
 
     def __init__(self, path: str | os.PathLike, kind: str, attrs: dict[str, Any], force: bool = False):
         if kind not in ("golden", "trace"):
             raise ValueError(f"kind must be golden or trace, not {kind!r}")
-        self.path = check_output_path(path, force)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._output = OutputFile(path, force)
+        self.path = self._output.path
+        self.tmp = self._output.tmp
         self.kind = kind
         self._attrs = dict(attrs)
         self._h5: h5py.File | None = None
+        self._signals = Deferred()
+        self._datasets = 0
         self._weight_hashes: dict[str, str] = {}
         self._input_hashes: dict[str, str] = {}
         self._orders: dict[str, dict[str, int]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> StageWriter:
+        self._output.__enter__()
+        self._signals.__enter__()
         try:
             self._h5 = h5py.File(self.tmp, "w", track_order=True)  # cases keep their recording order
-        except OSError as exc:
-            raise TracerError(f"cannot write {self.path}: {exc}") from None
-        self._interrupted = False
-        self._old_handler = None
-        if threading.current_thread() is threading.main_thread():
-            # A SIGINT landing inside h5py's cleanup callbacks is swallowed there; note it and
-            # raise it at the next write instead, so Ctrl-C always discards the file.
-            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        except BaseException as exc:
+            self._signals.restore()
+            self._output.__exit__(type(exc), exc, exc.__traceback__)
+            if isinstance(exc, OSError):
+                raise io_error("write", self.path, exc) from None
+            raise
         return self
 
-    def _on_sigint(self, signum, frame) -> None:
-        self._interrupted = True
-
     def _check_interrupt(self) -> None:
-        if self._interrupted:
-            raise KeyboardInterrupt
+        self._signals.check()
+
+    def _check_room(self, nbytes: int) -> None:
+        """Stop with ENOSPC before HDF5 meets a full disk: its metadata flush then fails inside h5py's
+        cleanup callbacks, which print pages of ignored errors and can crash the process. The margin
+        keeps room for the metadata of every dataset so far, so the file still closes cleanly."""
+        self._datasets += 1
+        if not hasattr(os, "statvfs"):  # not POSIX: HDF5's own error is all there is
+            return
+        st = os.statvfs(self.tmp.parent)
+        free = st.f_bavail * st.f_frsize
+        headroom = ROOM_MARGIN + METADATA_PER_DATASET * self._datasets
+        if free < nbytes + headroom:
+            raise OSError(errno.ENOSPC, f"only {free / 2**20:.1f} MiB free; {nbytes / 2**20:.1f} MiB to write plus "
+                                        f"{headroom / 2**20:.1f} MiB kept to close the file")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._h5 is not None
-        if self._old_handler is not None:
-            signal.signal(signal.SIGINT, self._old_handler)
-        if exc_type is None and self._interrupted:
-            self._discard()
-            raise KeyboardInterrupt
         try:
             if exc_type is None:
+                self._signals.check()
                 self._finish_attrs()
-            self._h5.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
+                self._h5.close()
+                self._signals.check()
+                self._output.commit()
         except OSError as err:
-            self._discard()
-            raise TracerError(f"could not write {self.path}: {err}") from None
-        if exc_type is not None:
-            self._discard()
-            if issubclass(exc_type, OSError):
-                raise TracerError(f"could not write {self.path}: {exc}") from None
+            raise io_error("write", self.path, err) from None
+        finally:
+            self._close()
+            self._signals.restore()
+            self._output.__exit__(exc_type, exc, tb)  # removes the temporary file unless committed
+        if exc_type is not None and issubclass(exc_type, OSError):
+            raise io_error("write", self.path, exc) from None
+        if self._signals.pending is not None:
+            raise KeyboardInterrupt  # arrived during the rename: the file is complete, the command stops
         return False
 
-    def _discard(self) -> None:
-        try:
+    def _close(self) -> None:
+        with contextlib.suppress(Exception):  # closing a file on a full disk fails again; it is discarded anyway
             if self._h5 is not None and self._h5.id.valid:
                 self._h5.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
 
     def _finish_attrs(self) -> None:
         root = self._h5.attrs
@@ -149,6 +150,7 @@ class StageWriter:
     # -- content ---------------------------------------------------------------------------
     def _dataset(self, group: str, name: str, array: np.ndarray) -> h5py.Dataset:
         self._check_interrupt()
+        self._check_room(array.nbytes)
         ds = self._h5.require_group(group).create_dataset(name, data=array)
         ds.attrs["xxh3"] = content_hash(array)
         return ds
@@ -268,11 +270,15 @@ class CaseView:
         layout = ds.attrs.get("layout", "BTC")
         t_axis = layout.index("T")
         if not 0 <= token < ds.shape[t_axis]:
-            raise TracerError(f"token {token} out of range for {stage} (T={ds.shape[t_axis]})")
-        return ds[b, :, token] if t_axis == 2 else ds[b, token]
+            raise TracerError(f"token {token} out of range for {stage}: valid tokens are 0..{ds.shape[t_axis] - 1}")
+        try:
+            return ds[b, :, token] if t_axis == 2 else ds[b, token]
+        except (OSError, RuntimeError, ValueError):
+            raise TracerError(f"{self.file.path}: cannot read case {self.name!r} {group}/{stage}: the file is "
+                              "corrupt or truncated") from None
 
     def _verified(self, ds: h5py.Dataset, what: str) -> np.ndarray:
-        data = ds[()]
+        data = self.file.read_dataset(ds, f"case {self.name!r} {what}")
         expected = ds.attrs.get("xxh3")
         if expected is not None and content_hash(data) != expected:
             raise TracerError(f"{self.file.path}: checksum mismatch in case {self.name!r} {what}: the file is corrupt")
@@ -304,20 +310,35 @@ class StageFile:
         if p.is_dir():
             raise TracerError(f"{p} is a directory, not a gpt2-tracer file")
         try:
+            with open(p, "rb"):
+                pass
+        except OSError as exc:
+            raise io_error("read", p, exc) from None
+        try:
             h5 = h5py.File(p, "r")
         except OSError:
             raise TracerError(f"{p} is not a readable HDF5 file (corrupt or truncated?)") from None
-        fmt = h5.attrs.get("format")
+        try:
+            return cls._checked(p, h5)
+        except BaseException:
+            h5.close()
+            raise
+
+    @classmethod
+    def _checked(cls, p: Path, h5: h5py.File) -> StageFile:
+        try:
+            fmt = h5.attrs.get("format")
+            version = int(h5.attrs.get("format_version", -1))
+            f = cls(p, h5)
+        except (OSError, RuntimeError, ValueError, KeyError):
+            raise TracerError(f"{p}: cannot read its metadata: the file is corrupt or truncated") from None
         if fmt != FORMAT:
-            h5.close()
             raise TracerError(f"{p} is not a gpt2-tracer file (format attribute {fmt!r})")
-        version = int(h5.attrs.get("format_version", -1))
         if version != FORMAT_VERSION:
-            h5.close()
-            raise TracerError(f"{p} has format_version {version}; this tracer reads version {FORMAT_VERSION}")
-        f = cls(p, h5)
+            newer = " (written by a newer gpt2-tracer: upgrade it to read this file)" \
+                if version > FORMAT_VERSION else ""
+            raise TracerError(f"{p} has format_version {version}; this tracer reads version {FORMAT_VERSION}{newer}")
         if cls.expected_kind and f.kind != cls.expected_kind:
-            h5.close()
             raise TracerError(f"{p} is a {f.kind} file, expected a {cls.expected_kind}")
         return f
 
@@ -346,6 +367,13 @@ class StageFile:
     def golden_id(self) -> str:
         return self.attrs.get("golden_id", "")
 
+    def read_dataset(self, ds: h5py.Dataset, what: str) -> np.ndarray:
+        """All of `ds`; a damaged file is a one-line TracerError naming `what`, not an HDF5 traceback."""
+        try:
+            return ds[()]
+        except (OSError, RuntimeError, ValueError):
+            raise TracerError(f"{self.path}: cannot read {what}: the file is corrupt or truncated") from None
+
     def case_names(self) -> list[str]:
         return list(self.h5["cases"].keys()) if "cases" in self.h5 else []
 
@@ -371,7 +399,7 @@ class StageFile:
             raise TracerError(f"{self.path} has no weights (recorded with --no-weights); replay needs them")
         out = {}
         for name, ds in self.h5["weights"].items():
-            data = ds[()]
+            data = self.read_dataset(ds, f"weight {name!r}")
             if content_hash(data) != ds.attrs.get("xxh3"):
                 raise TracerError(f"{self.path}: checksum mismatch in weight {name!r}: the file is corrupt")
             out[name] = data

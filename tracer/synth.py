@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -298,7 +299,8 @@ def _wpe(rng: _Rng, n_pos: int, d: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def realistic_init_(model: torch.nn.Module, seed: int) -> None:
+def realistic_init_(model: torch.nn.Module, seed: int,
+                    progress: Callable[[Iterable], Iterable] | None = None) -> None:
     """Overwrite all weights of a GPT-2 (``GPT2LMHeadModel`` or ``GPT2Model``) in place.
 
     Weights are drawn with trained-like statistics, then, layer by layer on a
@@ -308,6 +310,7 @@ def realistic_init_(model: torch.nn.Module, seed: int) -> None:
     and scaled so the stream grows linearly with depth.  Layer i's draws
     depend only on (seed, i): fewer layers = the first layers of the deeper
     model.  Uses no global RNG state; the result does not depend on threads.
+    ``progress`` wraps the iterator over layers (a progress bar; calibration is per layer).
     """
     tr = getattr(model, "transformer", model)
     cfg = model.config
@@ -341,7 +344,7 @@ def realistic_init_(model: torch.nn.Module, seed: int) -> None:
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     rms0 = _rms(h)
 
-    for i, blk in enumerate(tr.h):
+    for i, blk in enumerate(progress(tr.h) if progress else tr.h):
         r = _Rng(seed, 10 + i)
         attn = blk.attn
         ln1_g = (1.0 + r.normal((d,), 0.25)).clamp_min(0.05)

@@ -136,7 +136,7 @@ class CompareResult:
         if path is not None:
             from tracer.atomic import write_text_atomic
 
-            write_text_atomic(path, text)
+            write_text_atomic(path, text, force=True)
         return text
 
     @classmethod

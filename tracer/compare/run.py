@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -13,9 +15,10 @@ from rich.console import Console
 from tracer.compare.comparator import CompareOptions, compare
 from tracer.compare.result import CompareResult
 from tracer.compare.tolerance import Tolerances
+from tracer.atomic import Reservation
 from tracer.errors import TracerError
-from tracer.progress import track
-from tracer.stages import StageSelector
+from tracer.progress import session, track
+from tracer.stages import StageSelector, canonical_stages
 from tracer.store import Golden, StageFile
 
 
@@ -40,13 +43,15 @@ class CompareRequest:
     verbose: bool = False
     quiet: bool = False
     weights: Path | None = None       # the port's checkpoint: judge it against its own weights
+    force: bool = False              # overwrite existing report files
+    timeout: float | None = None     # exec: backends (None: their default)
 
 
 def replayed_trace(req: CompareRequest, workdir: Path) -> Path:
     from backends.registry import resolve_backend
     from tracer.replay import replay
 
-    backend = resolve_backend(req.backend, req.precision, req.inject)
+    backend = resolve_backend(req.backend, req.precision, req.inject, req.timeout)
     out = workdir / "trace.h5"
     replay(req.golden, backend, out, req.mode, progress=partial(track, description=f"replaying ({req.backend})",
                                                                   quiet=req.quiet))
@@ -65,6 +70,7 @@ def run_compare(req: CompareRequest) -> CompareResult:
     cleanup = lambda: None  # noqa: E731
     try:
         with Golden.open(req.golden) as golden:
+            check_request(req, golden, tolerances)
             if req.backend:
                 trace = StageFile.open(replayed_trace(req, workdir))
                 cleanup = trace.close
@@ -113,6 +119,22 @@ def require_selector(spec: str | None, golden: Golden) -> StageSelector | None:
     return selector
 
 
+def check_request(req: CompareRequest, golden: Golden, tolerances: Tolerances) -> None:
+    """What the golden alone can refute — before any replay, and listing what is valid."""
+    if req.case is not None and not golden.has_case(req.case):
+        raise TracerError(f"--case {req.case!r}: {golden.path} has no such case (cases: "
+                          f"{', '.join(golden.case_names()) or 'none'})")
+    stages = canonical_stages(golden.n_layer)
+    StageSelector.parse(req.stage).select(stages)
+    tolerances.check_patterns(stages)
+    if req.token is not None:
+        names = [req.case] if req.case is not None else golden.case_names()
+        lengths = {name: int(golden.case(name).input_ids.shape[1]) for name in names}
+        if not 0 <= req.token < max(lengths.values(), default=0):
+            valid = ", ".join(f"{name}: 0..{T - 1}" for name, T in lengths.items())
+            raise TracerError(f"--token {req.token} is out of range (valid tokens: {valid})")
+
+
 def _warn(message: str) -> None:
     from rich.markup import escape
 
@@ -126,12 +148,21 @@ def _is_foreign(path: Path) -> bool:
 
 
 def compare_command(req: CompareRequest, console: Console) -> int:
-    """Run the comparison, print the terminal report, write the asked-for files; exit code."""
+    """Run the comparison, print the terminal report, write the asked-for files; exit code.
+
+    Report paths (and an updated baseline) are reserved before the comparison runs, so an
+    existing, unwritable or busy output fails at once, not after the replay."""
     from tracer.reports import write_report
 
-    result = run_compare(req)
-    for fmt, path in req.reports.items():
-        write_report(result, fmt, path, console)
+    with contextlib.ExitStack() as outputs:
+        for path in _report_paths(req):
+            outputs.enter_context(Reservation(path, req.force))
+        if req.update_baseline and req.baseline is not None:
+            outputs.enter_context(Reservation(req.baseline, force=True))
+        with session(req.quiet):
+            result = run_compare(req)
+        for fmt, path in req.reports.items():
+            write_report(result, fmt, path, console, force=req.force)
     if not req.quiet:
         from tracer.reports.terminal import render_terminal
 
@@ -142,3 +173,13 @@ def compare_command(req: CompareRequest, console: Console) -> int:
         if req.update_baseline:
             console.print(f"baseline updated -> {req.baseline}")
     return result.exit_code
+
+
+def _report_paths(req: CompareRequest) -> list[Path]:
+    seen: dict[str, str] = {}
+    for fmt, path in req.reports.items():
+        key = os.path.abspath(path)
+        if key in seen:
+            raise TracerError(f"--{seen[key]} and --{fmt} both write {path}: give each report its own file")
+        seen[key] = fmt
+    return list(req.reports.values())

@@ -20,12 +20,14 @@ Per-stage overrides come from a TOML file; see `Tolerances.from_toml`.
 from __future__ import annotations
 
 import fnmatch
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tracer.errors import TracerError
+from tracer.errors import TracerError, io_error
 
 try:
     import tomllib
@@ -75,6 +77,27 @@ def precision_of(dtype_name: str, array_dtype: np.dtype | None = None) -> str:
     return "fp32"
 
 
+TOML_KEYS = ("preset", "margin_local", "margin_chained", "stages")
+
+
+def _non_negative(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise TracerError(f"{where} must be a number >= 0, not {value!r}")
+    return float(value)
+
+
+def _quoted(pattern: str) -> str:
+    return '"' + pattern.replace('"', '\\"') + '"'
+
+
+def _check_glob(pattern: str, where: str) -> None:
+    """A stage glob: stage-name characters plus * ? and balanced [...] classes."""
+    stripped = re.sub(r"\[!?[^\]]+\]", "", pattern)
+    if not pattern or not re.fullmatch(r"[A-Za-z0-9_.*?]+", stripped):
+        raise TracerError(f"{where}: {pattern!r} is not a stage glob (stage names with * ? [..], e.g. "
+                          "blocks.*.attn.probs or blocks.1[01].*)")
+
+
 @dataclass
 class StageOverride:
     pattern: str
@@ -108,22 +131,45 @@ class Tolerances:
     @classmethod
     def from_toml(cls, path: Path) -> Tolerances:
         """TOML: optional `preset = "auto"|"fp32"|...`, `margin_local`, `margin_chained`, and
-        `[stages."<glob>"]` tables with `chained` and/or `local` thresholds (row error)."""
+        `[stages."<glob>"]` tables with `chained` and/or `local` thresholds (row error).
+        Unknown keys, negative or non-numeric values are refused with the list of what is valid."""
         if not path.is_file():
             raise TracerError(f"tolerance file {path} does not exist")
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise TracerError(f"{path}: invalid TOML: {exc}") from None
-        base = cls.parse(data.get("preset", "auto"))
+        except OSError as exc:
+            raise io_error("read", path, exc) from None
+        unknown = sorted(set(data) - set(TOML_KEYS))
+        if unknown:
+            raise TracerError(f"{path}: unknown key(s) {', '.join(unknown)} (valid: {', '.join(TOML_KEYS)})")
+        preset = data.get("preset", "auto")
+        if preset not in ("auto", *PRESETS):
+            raise TracerError(f"{path}: preset {preset!r} is not one of auto, {', '.join(PRESETS)}")
+        base = cls.parse(preset)
         base.source = str(path)
-        base.margin_local = float(data.get("margin_local", base.margin_local))
-        base.margin_chained = float(data.get("margin_chained", base.margin_chained))
-        for pattern, entry in (data.get("stages") or {}).items():
-            if not isinstance(entry, dict) or not set(entry) <= {"chained", "local"}:
-                raise TracerError(f"{path}: [stages.{pattern!r}] takes only 'chained' and 'local' numbers")
-            base.overrides.append(StageOverride(pattern, entry.get("chained"), entry.get("local")))
+        for key in ("margin_local", "margin_chained"):
+            if key in data:
+                setattr(base, key, _non_negative(data[key], f"{path}: {key}"))
+        stages = data.get("stages", {})
+        if not isinstance(stages, dict):
+            raise TracerError(f'{path}: stages must be tables such as [stages."blocks.*.attn.probs"]')
+        for pattern, entry in stages.items():
+            where = f"{path}: [stages.{_quoted(pattern)}]"
+            if not isinstance(entry, dict) or not entry or not set(entry) <= {"chained", "local"}:
+                raise TracerError(f"{where} takes only 'chained' and 'local' numbers (row error, >= 0)")
+            _check_glob(pattern, where)
+            base.overrides.append(StageOverride(pattern, *(_non_negative(entry[k], f"{where} {k}") if k in entry
+                                                           else None for k in ("chained", "local"))))
         return base
+
+    def check_patterns(self, stages: list[str]) -> None:
+        """Every per-stage override must match a stage of the model compared (a typo would silently do nothing)."""
+        for o in self.overrides:
+            if not any(fnmatch.fnmatchcase(s, o.pattern) for s in stages):
+                raise TracerError(f"{self.source}: [stages.{_quoted(o.pattern)}] matches no stage of this model "
+                                  f"(stages: {stages[0]}, ..., {stages[-1]}; globs like blocks.*.attn.probs)")
 
     def override_for(self, stage: str, key: str) -> float | None:
         """The `key` ('chained' or 'local') threshold for `stage`: the last matching table that sets it."""

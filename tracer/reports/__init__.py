@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tracer.atomic import write_text_atomic
+from tracer.atomic import check_output_path, write_text_atomic
 from tracer.compare.result import CompareResult
 from tracer.errors import TracerError
 
@@ -56,8 +56,9 @@ def check_format(fmt: str) -> str:
     return name
 
 
-def write_report(result: CompareResult, fmt: str, path: Path | None, console: Console) -> None:
-    """Write `result` as `fmt` to `path`, or print it on `console` when `path` is None."""
+def write_report(result: CompareResult, fmt: str, path: Path | None, console: Console, force: bool = False) -> None:
+    """Write `result` as `fmt` to `path` (an existing file only with `force`), or print it on `console`
+    when `path` is None."""
     fmt = check_format(fmt)
     if path is None:
         if fmt == "terminal":
@@ -68,14 +69,16 @@ def write_report(result: CompareResult, fmt: str, path: Path | None, console: Co
             console.print(_renderer(fmt)(result), markup=False, highlight=False, emoji=False, soft_wrap=True,
                           end="")
         return
-    write_text_atomic(path, _renderer(fmt)(result))
+    write_text_atomic(path, _renderer(fmt)(result), force)
 
 
-def report_command(result_json: Path, fmt: str, out: Path | None, console: Console) -> None:
+def report_command(result_json: Path, fmt: str, out: Path | None, console: Console, force: bool = False) -> None:
     """`tracer report RESULT.json --format F [-o FILE]`: render a saved result (exit 0 once rendered;
     the pass/fail verdict is `tracer compare`'s exit code and is inside the report)."""
     fmt = check_format(fmt)
+    if out is not None:
+        check_output_path(out, force)  # before reading the result
     result = CompareResult.load(result_json)
-    write_report(result, fmt, out, console)
+    write_report(result, fmt, out, console, force)
     if out is not None:
         console.print(f"wrote {fmt} report -> {out}", highlight=False)

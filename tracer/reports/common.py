@@ -2,7 +2,7 @@
 
 Number formatting, status glyphs, the error-to-tolerance ratio and its log-scale bar, the
 near-miss rule, stage grouping by block with runs of uninteresting stages collapsed, the
-one-line verdict and failure message, and seed-style log lines. Formats only lay these out.
+one-line verdict and failure message, and debug-print lines. Formats only lay these out.
 """
 
 from __future__ import annotations
@@ -365,17 +365,17 @@ def table_label(k: int, t: First8, token: int | None = None) -> str:
     return f"asked: {where}"
 
 
-# -- seed-style log lines --------------------------------------------------------------------------
+# -- debug-print lines ----------------------------------------------------------------------------
 
 @lru_cache(maxsize=1)
-def seed_tags() -> dict[str, str]:
-    """Local stage -> tag of seed-style prints: the first tag naming it in the shipped seed_tags.toml,
+def print_tags() -> dict[str, str]:
+    """Local stage -> tag of debug-print lines: the first tag naming it in the shipped print_tags.toml,
     else AFTER_ + the local name without its 'attn.' prefix (AFTER_SCORES, AFTER_QKV, AFTER_EMBED_TOK)."""
-    from tracer.foreign import load_toml, maps_dir
+    from tracer.foreign import PRINT_TAGS, load_toml, maps_dir
     from tracer.stages import BLOCK_STAGES, FINAL_STAGES
 
     shipped: dict[str, str] = {}
-    for tag, local in load_toml(maps_dir() / "seed_tags.toml").get("tags", {}).items():
+    for tag, local in load_toml(maps_dir() / PRINT_TAGS).get("tags", {}).items():
         if local:
             shipped.setdefault(local, tag)
     tags = {}
@@ -385,7 +385,7 @@ def seed_tags() -> dict[str, str]:
     return tags
 
 
-def seed_line(stage: str, t: First8, values: list[float]) -> str:
+def print_line(stage: str, t: First8, values: list[float]) -> str:
     """`[AFTER_LN1] Layer 0, Token 0: [v0, ..., v7]`, the format `tracer import-log` reads back."""
     i, local = split_stage(stage)
     loc = []
@@ -398,4 +398,4 @@ def seed_line(stage: str, t: First8, values: list[float]) -> str:
     loc.append(f"Token {t.token}")
     vals = ", ".join("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else f"{v:.7g}"
                      for v in values)
-    return f"[{seed_tags()[local]}] {', '.join(loc)}: [{vals}]"
+    return f"[{print_tags()[local]}] {', '.join(loc)}: [{vals}]"

@@ -14,31 +14,10 @@ from rich.table import Table
 from rich.text import Text
 
 from tracer.compare.result import CaseResult, CompareResult, First8, StageResult
-from tracer.reports.common import (
-    DERIVED_MARK,
-    STATUS_GLYPH,
-    STATUS_STYLE,
-    TOL_FRACTION,
-    Run,
-    backend_line,
-    bar_fraction,
-    chained_ratio,
-    collapse,
-    coverage_line,
-    failing,
-    fmt_num,
-    fmt_ratio,
-    focus_stages,
-    group_by_block,
-    inputs_line,
-    other_origins,
-    out_of_tolerance,
-    passing_tolerance_line,
-    seed_line,
-    shown_name,
-    table_label,
-    verdict_line,
-)
+from tracer.reports.common import (DERIVED_MARK, STATUS_GLYPH, STATUS_STYLE, TOL_FRACTION, Run, backend_line,
+                                   bar_fraction, chained_ratio, collapse, coverage_line, failing, fmt_num, fmt_ratio,
+                                   focus_stages, group_by_block, inputs_line, other_origins, out_of_tolerance,
+                                   passing_tolerance_line, print_line, shown_name, table_label, verdict_line)
 from tracer.stages import StageSelector
 
 BAR_WIDTH = 10
@@ -49,7 +28,7 @@ EIGHTHS = " ▏▎▍▌▋▊▉█"
 def render_terminal(result: CompareResult, console: Console, *, stage_glob: str | None = None,
                     token: int | None = None, log_format: bool = False, verbose: bool = False) -> None:
     """Print the report. `stage_glob` filters table rows, `token` labels the asked First-8 table,
-    `log_format` adds seed-style lines, `verbose` shows every stage and every case in full."""
+    `log_format` adds debug-print lines, `verbose` shows every stage and every case in full."""
     selector = StageSelector.parse(stage_glob)
     if selector.patterns:  # a glob matching nothing is a usage error (TracerError), as in compare
         selector.select(list(dict.fromkeys(s.stage for c in result.cases for s in c.stages)))
@@ -223,13 +202,13 @@ def first8_table(t: First8) -> Table:
 
 
 def _print_seed_lines(case: CaseResult, console: Console) -> None:
-    """Seed-style lines, golden then candidate, for each First-8 table of the divergence stages."""
+    """Debug-print lines, golden then candidate, for each First-8 table of the divergence stages."""
     stages = focus_stages(case)
     for side in ("golden", "candidate"):
-        console.print(Text(f"# seed-style lines · {side} · case {case.case}", style="dim"))
+        console.print(Text(f"# debug-print lines · {side} · case {case.case}", style="dim"))
         for s in stages:
             for t in s.tables:
-                console.print(seed_line(s.stage, t, t.golden if side == "golden" else t.candidate),
+                console.print(print_line(s.stage, t, t.golden if side == "golden" else t.candidate),
                               markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 

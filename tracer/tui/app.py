@@ -28,7 +28,7 @@ from textual.widgets.option_list import Option
 
 from tracer.compare.result import CaseResult, CompareResult, First8, StageResult
 from tracer.reports.common import (STATUS_GLYPH, STATUS_STYLE, block_label, chained_ratio, fmt_num, local_name,
-                                   out_of_tolerance, passing_tolerance_line, seed_line)
+                                   out_of_tolerance, passing_tolerance_line, print_line)
 from tracer.reports.terminal import error_bar
 from tracer.stages import layout_of
 from tracer.tui.data import METRIC_LABELS, METRICS, StageData, StageSlice
@@ -53,7 +53,7 @@ KEYS = (  # (keys, what they do): the help screen and docs/TUI.md show the same 
     ("b", "next batch row"),
     ("m", "switch metric: relative error, abs error, log10 abs error"),
     ("w", "jump to the worst cell in view (this batch row and head)"),
-    ("y", "keep the seed-style lines of this row (printed on exit)"),
+    ("y", "keep the debug-print lines of this row (printed on exit)"),
     ("?", "this help"),
     ("q", "quit"),
 )
@@ -151,7 +151,7 @@ class HelpScreen(ModalScreen[None]):
 
 
 class DiffApp(App[None]):
-    """The interactive diff of one case. `yanked` holds the seed-style lines kept with `y`."""
+    """The interactive diff of one case. `yanked` holds the debug-print lines kept with `y`."""
 
     TITLE = "tracer diff"
     ENABLE_COMMAND_PALETTE = False
@@ -398,7 +398,7 @@ class DiffApp(App[None]):
         if table is None:
             self.notify("nothing to keep: the trace has no values for this stage", timeout=2)
             return
-        self.yanked += [seed_line(self.stage, table, table.golden), seed_line(self.stage, table, table.candidate)]
+        self.yanked += [print_line(self.stage, table, table.golden), print_line(self.stage, table, table.candidate)]
         self.notify(f"kept golden + candidate lines ({len(self.yanked)} in all, printed on exit)", timeout=2)
 
     def action_help(self) -> None:
