@@ -187,20 +187,36 @@ def test_misnamed_array_is_listed_in_the_report(tiny_golden, tmp_path, run_cli):
     assert "missing: blocks.1.mlp.out" in " ".join(out.split())
 
 
-def test_nonfinite_golden_stage_is_never_a_pass(tiny_golden, tmp_path):
-    broken = tmp_path / "broken.h5"
-    broken.write_bytes(tiny_golden.read_bytes())
-    with h5py.File(broken, "r+") as f:
-        ds = f["cases/case0/stages/blocks.0.mlp.act"]
-        data = ds[()]
-        data[0, 1, :5] = np.nan
-        del f["cases/case0/stages/blocks.0.mlp.act"]
-        new = f["cases/case0/stages"].create_dataset("blocks.0.mlp.act", data=data)
-        from tracer.store import content_hash
+def golden_with(golden: Path, out: Path, stage: str, edit: Callable[[np.ndarray], None]) -> Path:
+    """A copy of `golden` whose case0 `stage` was edited in place (checksum recomputed: a bad recording,
+    not a corrupt file)."""
+    from tracer.store import content_hash
 
-        new.attrs.update({"xxh3": content_hash(data), "layout": "BTC", "order": 0})
+    out.write_bytes(golden.read_bytes())
+    with h5py.File(out, "r+") as f:
+        group = f["cases/case0/stages"]
+        data, attrs = group[stage][()], dict(group[stage].attrs)
+        edit(data)
+        del group[stage]
+        group.create_dataset(stage, data=data).attrs.update({**attrs, "xxh3": content_hash(data)})
+    return out
+
+
+def test_nonfinite_golden_stage_is_never_a_pass(tiny_golden, tmp_path):
+    def nan(data):
+        data[0, 1, :5] = np.nan
+    broken = golden_with(tiny_golden, tmp_path / "broken.h5", "blocks.0.mlp.act", nan)
     dump = write_dump(tiny_golden, tmp_path / "d")
     result = compare_dump(broken, dump)
     act = result.cases[0].stage("blocks.0.mlp.act")
     assert act.status == "golden-nonfinite" and "golden itself" in act.note
     assert not result.passed and result.exit_code == 1
+
+
+def test_inspect_flags_a_nonfinite_golden_stage(tiny_golden, tmp_path, run_cli):
+    def inf(data):
+        data[0, 0, 0] = np.inf
+    broken = golden_with(tiny_golden, tmp_path / "broken.h5", "blocks.0.ln2", inf)
+    code, out, _ = run_cli("inspect", broken, "--stage", "blocks.0.*")
+    flagged = [line for line in out.splitlines() if "NaN/Inf" in line]
+    assert code == 0 and len(flagged) == 1 and "1 NaN/Inf" in flagged[0]

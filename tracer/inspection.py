@@ -35,6 +35,9 @@ def stage_summary(case: CaseView, stage: str, token: int, group: str = "stages")
         "mean": float(stats.mean()) if stats.size else None,
         "std": float(stats.std()) if stats.size else None,
         "nonfinite": int(data.size - finite.size),
+        # NaN or +Inf anywhere, or -Inf outside the masked scores: a broken recording, never a masked entry
+        "broken": int(np.isnan(data).sum() + np.isposinf(data).sum()
+                      + (0 if stage.endswith("attn.scores") else np.isneginf(data).sum())) if data.dtype.kind == "f" else 0,
         "token": token,
         "first8": [float(v) for v in first8],
     }
@@ -108,6 +111,9 @@ def _stage_lines(stages: list[dict[str, Any]], console: Console) -> None:
     for s, shape in zip(stages, shapes):
         stats = [_fmt(s[k], digits) for k in ("min", "max", "mean", "std")]
         console.print(row(s["stage"], shape, s["dtype"], stats), highlight=False, markup=False)
+        if s["broken"]:
+            console.print(Text(f"  ! {s['broken']} NaN/Inf values: this stage cannot be compared against",
+                               style="bold red"), no_wrap=True, crop=False)
         label = f"  first 8 @ token {s['token']}:"
         values = [f"{v:.4g}" for v in s["first8"]]
         bad = [f"({s['nonfinite']} non-finite)"] if s["nonfinite"] else []

@@ -94,7 +94,7 @@ def _toml_value(spec: dict) -> str:
     return "{ " + ", ".join(items) + " }"
 
 
-def write_map(result: AuditResult, path: Path) -> int:
+def write_map(result: AuditResult, path: Path, force: bool = False) -> int:
     """Write the inferred map atomically; returns the number of entries."""
     entries, comments = infer_map(result)
     lines = [f"description = {json.dumps('weight map inferred by tracer weights from ' + Path(result.checkpoint).name)}",
@@ -102,5 +102,5 @@ def write_map(result: AuditResult, path: Path) -> int:
     lines += [f"{json.dumps(key)} = {_toml_value(spec)}" for key, spec in entries.items()]
     if comments:
         lines += [""] + [f"# {c}" for c in comments]
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n", force)
     return len(entries)

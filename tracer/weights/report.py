@@ -135,9 +135,9 @@ def render(result: AuditResult, console: Console, verbose: bool = False) -> None
                   highlight=False)
 
 
-def write_json(result: AuditResult, path: Path) -> None:
+def write_json(result: AuditResult, path: Path, force: bool = False) -> None:
     import json
 
     from tracer.atomic import write_text_atomic
 
-    write_text_atomic(path, json.dumps(to_dict(result), indent=2) + "\n")
+    write_text_atomic(path, json.dumps(to_dict(result), indent=2) + "\n", force)
