@@ -91,5 +91,6 @@ def test_port_bug_is_localized_and_diagnosed(bug, port, request, tmp_path):
     assert case.origin in {bug.introduced_at(2, dumped), bug.introduced_at(2, compared)}, case.origin_reasoning
     diagnoses = case.stage(case.origin).diagnoses
     assert diagnoses and diagnoses[0].rule in EXPECTED_RULES[bug.name], [(d.rule, d.bug) for d in diagnoses]
+    assert len({d.verdict for d in diagnoses}) == 1, "a likely hypothesis rides along a confirmed one"
     if bug.name in FITTED:
         assert FITTED[bug.name] in diagnoses[0].bug
