@@ -263,7 +263,7 @@ class _CaseComparison:
             c, mask_mismatch, note = self._scores_masking(stage, c, g)
             res.note = note or res.note
         with np.errstate(all="ignore"):
-            res.error, per_row = row_error(np.where(valid, c, 0.0), np.where(valid, g, 0.0), valid)
+            res.error, per_row = row_error(c, g, valid)
             if mask_mismatch:
                 res.error = float("inf")
         res.drift = drift.chained.get(stage) if drift else None

@@ -40,8 +40,14 @@ def is_masked(x: np.ndarray) -> np.ndarray:
 
 def row_error(candidate: np.ndarray, reference: np.ndarray, valid: np.ndarray) -> tuple[float, np.ndarray]:
     """(worst row error, per-row errors [shape[:-1]]): ||c - r||₂ per row / RMS row norm of r."""
-    d = np.where(valid, candidate.astype(np.float64) - reference, 0.0)
-    r = np.where(valid, reference, 0.0).astype(np.float64, copy=False)
+    valid = np.broadcast_to(valid, np.broadcast_shapes(np.shape(candidate), np.shape(reference)))
+    every = bool(valid.all())
+    with np.errstate(invalid="ignore"):
+        d = np.subtract(candidate, reference, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if not every:  # one pass each, only where some elements are not compared (padding, masked scores)
+        np.copyto(d, 0.0, where=~valid)
+        r = np.where(valid, r, 0.0)
     row_sq = np.einsum("...i,...i->...", d, d)
     ref_sq = np.einsum("...i,...i->...", r, r)
     rows = valid.any(-1)
@@ -89,27 +95,33 @@ def stage_metrics(golden: np.ndarray, candidate: np.ndarray, valid: np.ndarray, 
                   masked_mismatch: int = 0) -> StageMetrics:
     """Metrics over valid elements. Mismatch % uses the stage's tolerance elementwise:
     |c - g| > tolerance * max(|g|, RMS(g))."""
-    g = golden.astype(np.float64)
-    c = candidate.astype(np.float64)
-    sel_g, sel_c = g[valid], c[valid]
+    g = np.asarray(golden, dtype=np.float64)
+    c = np.asarray(candidate, dtype=np.float64)
+    valid = np.broadcast_to(valid, g.shape)
+    every = bool(valid.all())
+    sel_g, sel_c = (g.ravel(), c.ravel()) if every else (g[valid], c[valid])
     n = sel_g.size
-    bad = ~np.isfinite(c) & valid & np.isfinite(g)
-    first_nonfinite = [int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape)] if bad.any() else None
+    finite_c = np.isfinite(c)
+    bad = None if finite_c.all() else ~finite_c & valid & np.isfinite(g)
+    first_nonfinite = [int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape)] \
+        if bad is not None and bad.any() else None
     if n == 0:
         return StageMetrics(0, 0, 0, 0, 0, 1, float("inf"), 0, 0, [], 0, 0, first_nonfinite, masked_mismatch)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         d = sel_c - sel_g
         ad = np.abs(d)
-        ad_full = np.where(valid, np.abs(c - g), -1.0)
-        ad_full = np.where(np.isnan(ad_full), np.inf, ad_full)
+        ad_full = ad.reshape(g.shape) if every else np.where(valid, np.abs(c - g), -1.0)
+        if np.isnan(ad).any():
+            ad_full = np.where(np.isnan(ad_full), np.inf, ad_full)
         worst = np.unravel_index(int(np.argmax(ad_full)), ad_full.shape)
         rms_g = float(np.sqrt(np.mean(sel_g * sel_g)))
-        floor = max(1e-6 * float(np.max(np.abs(sel_g))), 1e-30)
-        max_rel = float(np.max(ad / np.maximum(np.abs(sel_g), floor)))
+        abs_g = np.abs(sel_g)
+        floor = max(1e-6 * float(np.max(abs_g)), 1e-30)
+        max_rel = float(np.max(ad / np.maximum(abs_g, floor)))
         sig, noise = float(np.sum(sel_g * sel_g)), float(np.sum(d * d))
-        denom = float(np.linalg.norm(sel_c) * np.linalg.norm(sel_g))
+        denom = float(np.sqrt(float(sel_c @ sel_c)) * np.sqrt(sig))
         cosine = float(np.dot(sel_c, sel_g) / denom) if denom > 0 else (1.0 if noise == 0 else 0.0)
-        mismatch = ad > tolerance * np.maximum(np.abs(sel_g), rms_g)
+        mismatch = ad > tolerance * np.maximum(abs_g, rms_g)
         mismatch |= ~np.isfinite(ad)
         return StageMetrics(
             n_compared=int(n),

@@ -61,8 +61,7 @@ def oracle_drift(case: CaseView, weights: dict[str, np.ndarray], config: dict, p
             if golden.shape == rounded.shape:
                 valid = valid_for(stage, golden)
                 with np.errstate(all="ignore"):
-                    out.chained[stage] = row_error(np.where(valid, rounded, 0.0), np.where(valid, golden, 0.0),
-                                                   valid)[0]
+                    out.chained[stage] = row_error(rounded, golden, valid)[0]
                 if stage in golden_inputs and ref is not None:
                     subst = golden_inputs[stage]
                     lookup = Lookup(lambda n: case.read(n) if n in subst else values[n])
