@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,128 @@ JSON_ATTRS = ("model_config", "versions")
 def content_hash(array: np.ndarray) -> str:
     """xxh3-64 of the array's C-order bytes (hex): cheap enough to hash every stage."""
     return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(array).view(np.uint8).data)
+
+
+def weights_digest(hashes: dict[str, str]) -> str:
+    """One hash of all weights from their per-tensor content hashes (names included, order-free)."""
+    h = xxhash.xxh3_128()
+    for name in sorted(hashes):
+        h.update(f"{name}={hashes[name]};".encode())
+    return h.hexdigest()
+
+
+# -- storage dtypes ---------------------------------------------------------------------------
+# Rounding a value to a storage dtype moves it by at most UNIT_ROUNDOFF x |value|, or by
+# SUBNORMAL_FLOOR where the result is subnormal (round to nearest even).
+UNIT_ROUNDOFF = {"fp64": 2.0**-53, "fp32": 2.0**-24, "fp16": 2.0**-11, "bf16": 2.0**-8}
+SUBNORMAL_FLOOR = {"fp64": 2.0**-1075, "fp32": 2.0**-150, "fp16": 2.0**-25, "bf16": 2.0**-134}
+STORAGE_DTYPES = ("fp32", "fp16", "bf16")
+# (computed dtype, storage dtype) pairs that store every value exactly.
+EXACT_STORAGE = {("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"),
+                 ("fp64", "fp64")}
+
+
+def natural_storage(dtype: str) -> str:
+    """What stages of a model computed in `dtype` are stored as by default (bf16 widens exactly to fp32)."""
+    return "fp32" if dtype == "bf16" else dtype
+
+
+def storage_rounding(dtype: str, storage: str) -> tuple[float, float]:
+    """(relative, absolute) bound on what storing `dtype` values as `storage` changes them by."""
+    if (dtype, storage) in EXACT_STORAGE:
+        return 0.0, 0.0
+    return UNIT_ROUNDOFF[storage], SUBNORMAL_FLOOR[storage]
+
+
+def to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even, NaN kept NaN (numpy has no bf16)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    out = bits >> 16
+    out &= 1
+    out += 0x7FFF
+    out += bits
+    out >>= 16
+    out = out.astype(np.uint16)
+    out[np.isnan(values)] = 0x7FC0
+    return out
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def narrow(values: np.ndarray, storage: str, what: str) -> np.ndarray:
+    """Round float values to the storage dtype; a finite value that would become Inf is refused."""
+    if storage == "bf16":
+        stored = to_bf16_bits(values)
+        overflow = np.isinf(from_bf16_bits(stored))
+    else:
+        with np.errstate(over="ignore"):  # overflow is checked right below, by stage name
+            stored = values.astype({"fp16": np.float16, "fp32": np.float32}[storage], copy=False)
+        overflow = np.isinf(stored) if stored.dtype != values.dtype else None
+    if overflow is not None and overflow.any() and np.isfinite(values[overflow]).any():
+        biggest = float(np.abs(values[np.isfinite(values)]).max())
+        raise TracerError(f"{what} has values beyond the {storage} range (|x| up to {biggest:.4g}): "
+                          f"store it as {'bf16 or ' if storage == 'fp16' else ''}fp32")
+    return stored
+
+
+def widen(ds: h5py.Dataset, data: np.ndarray) -> np.ndarray:
+    """Stage values as float32 again when they were stored narrower than computed."""
+    stored = ds.attrs.get("storage_dtype")
+    if stored == "bf16":
+        return from_bf16_bits(data)
+    if stored == "fp16":
+        return data.astype(np.float32)
+    return data
+
+
+CHUNK_BYTES = 1 << 20
+COMPRESS_MIN_BYTES = 64 << 10  # smaller datasets stay contiguous: a chunk index would outweigh the saving
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, layout: str | None) -> tuple[int, ...]:
+    """About 1 MiB of whole rows along the token axis (axis 0 without a layout); heads stay whole.
+
+    One token's slice of any stage then lies in one chunk (`read_token` decompresses one chunk),
+    and whole-stage reads stream through chunks that fit HDF5's default 1 MiB chunk cache.
+    """
+    split = layout.index("T") if layout and "T" in layout else 0
+    chunk = [1] + list(shape[1:split]) + list(shape[split:]) if split else list(shape)
+    row = itemsize * int(np.prod([n for k, n in enumerate(chunk) if k != split]))
+    chunk[split] = min(shape[split], max(1, CHUNK_BYTES // max(row, 1)))
+    return tuple(max(1, n) for n in chunk)
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """How datasets go to disk: `compression` none | lzf | gzip[:LEVEL] (lossless, byte shuffle
+    first), and `storage_dtype` of stages (None: as computed; fp32 | fp16 | bf16)."""
+
+    compression: str = "none"
+    storage_dtype: str | None = None
+
+    @classmethod
+    def parse(cls, compression: str = "none", storage_dtype: str | None = None) -> DatasetOptions:
+        name, _, level = compression.partition(":")
+        valid = name in ("none", "lzf", "gzip") and (not level or (name == "gzip" and level in "123456789"
+                                                                      and len(level) == 1))
+        if not valid:
+            raise TracerError(f"unknown compression {compression!r} (none, lzf, gzip or gzip:1 ... gzip:9)")
+        if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
+            raise TracerError(f"unknown storage dtype {storage_dtype!r} (choose from {', '.join(STORAGE_DTYPES)})")
+        return cls(compression, storage_dtype)
+
+    def create_kwargs(self, array: np.ndarray, layout: str | None) -> dict[str, Any]:
+        """h5py `create_dataset` keywords for `array`: contiguous, or chunked with a lossless filter."""
+        if self.compression == "none" or array.ndim == 0 or array.nbytes < COMPRESS_MIN_BYTES:
+            return {}
+        name, _, level = self.compression.partition(":")
+        opts = {"compression": name, "shuffle": True, "chunks": chunk_shape(array.shape, array.itemsize, layout)}
+        if name == "gzip":
+            opts["compression_opts"] = int(level or 4)
+        return opts
 
 
 def _now() -> str:
@@ -60,7 +183,10 @@ class StageWriter:
 
     On a clean exit the temporary file is renamed onto `path`; on any exception
     (including KeyboardInterrupt and a full disk) it is deleted and `path` is untouched.
+    `options` (set before writing) chooses compression and the stages' storage dtype.
     """
+
+    options: DatasetOptions = DatasetOptions()
 
     def __init__(self, path: str | os.PathLike, kind: str, attrs: dict[str, Any], force: bool = False):
         if kind not in ("golden", "trace"):
@@ -139,24 +265,34 @@ class StageWriter:
         self._attrs[key] = value
 
     def golden_id(self) -> str:
-        """Content hash of weights + inputs, so a trace can name the golden it replayed."""
+        """Content hash of weights + inputs, so a trace can name the golden it replayed.
+
+        The weights enter through `weights_xxh3` (`weights_digest` of their content hashes), or
+        `weights_sha256` in files written before it.
+        """
         h = hashlib.sha256()
-        h.update(str(self._attrs.get("weights_sha256", "")).encode())
+        h.update(str(self._attrs.get("weights_xxh3") or self._attrs.get("weights_sha256", "")).encode())
         for name in sorted(self._input_hashes):
             h.update(f"{name}:{self._input_hashes[name]}".encode())
         return h.hexdigest()[:16]
 
     # -- content ---------------------------------------------------------------------------
-    def _dataset(self, group: str, name: str, array: np.ndarray) -> h5py.Dataset:
+    def _dataset(self, group: str, name: str, array: np.ndarray, layout: str | None = None) -> h5py.Dataset:
         self._check_interrupt()
-        ds = self._h5.require_group(group).create_dataset(name, data=array)
-        ds.attrs["xxh3"] = content_hash(array)
+        array = np.ascontiguousarray(array)  # head-split views arrive strided: one copy, here
+        digest = content_hash(array)
+        ds = self._h5.require_group(group).create_dataset(name, data=array, **self.options.create_kwargs(array, layout))
+        ds.attrs["xxh3"] = digest
         return ds
 
     def write_weights(self, weights: dict[str, np.ndarray], ties: dict[str, str] | None = None) -> None:
-        """Weights under their HF names; tied parameters (lm_head = wte) become hard links."""
+        """Weights under their HF names; tied parameters (lm_head = wte) become hard links.
+
+        Their content hashes give `weights_xxh3` (and so `golden_id`) without hashing them twice.
+        """
         for name, array in weights.items():
-            self._dataset("weights", name, array)
+            self._weight_hashes[name] = self._dataset("weights", name, array).attrs["xxh3"]
+        self._attrs.setdefault("weights_xxh3", weights_digest(self._weight_hashes))
         for alias, target in (ties or {}).items():
             self._h5["weights"][alias] = self._h5["weights"][target]
 
@@ -177,7 +313,14 @@ class StageWriter:
 
     def write_stage(self, case: str, stage: str, array: np.ndarray, order: int,
                     hf_module: str = "", group: str = "stages", **attrs: Any) -> None:
-        ds = self._dataset(f"cases/{case}/{group}", stage, array)
+        storage = self.options.storage_dtype
+        narrowed = storage is not None and array.dtype.kind == "f" and array.dtype != np.dtype(
+            {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}[storage])
+        if narrowed:
+            array = narrow(array, storage, f"stage {stage} of case {case!r}")
+        ds = self._dataset(f"cases/{case}/{group}", stage, array, layout_of(stage))
+        if narrowed:
+            ds.attrs["storage_dtype"] = storage
         ds.attrs["order"] = order
         ds.attrs["hf_module"] = hf_module
         ds.attrs["layout"] = layout_of(stage)
@@ -269,14 +412,14 @@ class CaseView:
         t_axis = layout.index("T")
         if not 0 <= token < ds.shape[t_axis]:
             raise TracerError(f"token {token} out of range for {stage} (T={ds.shape[t_axis]})")
-        return ds[b, :, token] if t_axis == 2 else ds[b, token]
+        return widen(ds, ds[b, :, token] if t_axis == 2 else ds[b, token])
 
     def _verified(self, ds: h5py.Dataset, what: str) -> np.ndarray:
         data = ds[()]
         expected = ds.attrs.get("xxh3")
         if expected is not None and content_hash(data) != expected:
             raise TracerError(f"{self.file.path}: checksum mismatch in case {self.name!r} {what}: the file is corrupt")
-        return data
+        return widen(ds, data)
 
 
 class StageFile:
@@ -345,6 +488,17 @@ class StageFile:
     @property
     def golden_id(self) -> str:
         return self.attrs.get("golden_id", "")
+
+    @property
+    def storage_dtype(self) -> str:
+        """What stage values were stored as (fp32, fp16, bf16, fp64); files before the option: as computed."""
+        return self.attrs.get("storage_dtype") or natural_storage(self.attrs.get("dtype") or "fp32")
+
+    @property
+    def storage_rounding(self) -> tuple[float, float]:
+        """(relative, absolute) bound on the error storage alone put into every stored stage value:
+        |stored - computed| <= rel * |computed| + abs elementwise; (0, 0) when stored exactly."""
+        return storage_rounding(self.attrs.get("dtype") or "fp32", self.storage_dtype)
 
     def case_names(self) -> list[str]:
         return list(self.h5["cases"].keys()) if "cases" in self.h5 else []
