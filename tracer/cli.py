@@ -51,6 +51,11 @@ def record(
                                          "(comma-separated), e.g. 'blocks.0.*,logits'."),
     no_weights: bool = typer.Option(False, "--no-weights", help="Leave weights out (replay then needs them "
                                     "from elsewhere)."),
+    compression: str = typer.Option("none", "--compression", help="Lossless compression of every dataset: none, "
+                                    "lzf (fast) or gzip[:LEVEL] (smaller, slower); readers need nothing extra."),
+    storage_dtype: Optional[str] = typer.Option(None, "--storage-dtype", help="Store stages as fp32, fp16 or bf16 "
+                                                "(default: as computed). Narrower is lossy: the file records "
+                                                "it (storage_dtype) and how much rounding it put in."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
@@ -59,9 +64,10 @@ def record(
     from tracer.progress import track
     from tracer.record import build_cases, record_golden
     from tracer.stages import StageSelector
-    from tracer.store import check_output_path
+    from tracer.store import DatasetOptions, check_output_path
 
     check_output_path(output, force)  # fail before loading a model
+    options = DatasetOptions.parse(compression, storage_dtype)
     texts = list(prompt)
     if prompts_file is not None:
         if not prompts_file.is_file():
@@ -73,7 +79,7 @@ def record(
     cases = build_cases(loaded, texts, id_lists, batch)
     record_golden(loaded, cases, str(output), dtype=dtype, attn=attn, selector=StageSelector.parse(stages),
                   with_weights=not no_weights, force=force, seed=seed,
-                  progress=partial(track, description="recording", quiet=quiet))
+                  progress=partial(track, description="recording", quiet=quiet), options=options)
     if not quiet:
         console.print(f"recorded {len(cases)} case(s) of {loaded.source} ({dtype}, {attn}, {device}) -> {output}")
 
