@@ -129,6 +129,19 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, layout: str | None) -> tu
     return tuple(max(1, n) for n in chunk)
 
 
+WRITE_BLOCK = 256 << 10  # fits L2: hashed from cache after its write
+
+
+def _allocated_contiguous() -> h5py.h5p.PropDCID:
+    """Contiguous storage allocated at creation and never filled by HDF5: the writer puts the bytes
+    there itself (`StageWriter._write_hashed`), so HDF5 never touches that raw data."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
 @dataclass(frozen=True)
 class DatasetOptions:
     """How datasets go to disk: `compression` none | lzf | gzip[:LEVEL] (lossless, byte shuffle
@@ -277,13 +290,38 @@ class StageWriter:
         return h.hexdigest()[:16]
 
     # -- content ---------------------------------------------------------------------------
-    def _dataset(self, group: str, name: str, array: np.ndarray, layout: str | None = None) -> h5py.Dataset:
+    def _dataset(self, group: str, name: str, array: np.ndarray,
+                 layout: str | None = None) -> tuple[h5py.Dataset, str]:
+        """A new dataset holding `array`, and its content hash (also stored as its `xxh3` attribute)."""
         self._check_interrupt()
         array = np.ascontiguousarray(array)  # head-split views arrive strided: one copy, here
-        digest = content_hash(array)
-        ds = self._h5.require_group(group).create_dataset(name, data=array, **self.options.create_kwargs(array, layout))
+        parent = self._h5.require_group(group)
+        chunked = self.options.create_kwargs(array, layout)
+        if chunked or array.ndim == 0 or array.size == 0:
+            digest = content_hash(array)
+            ds = parent.create_dataset(name, data=array, **chunked)
+        else:
+            ds = parent.create_dataset(name, shape=array.shape, dtype=array.dtype, dcpl=_allocated_contiguous())
+            digest = self._write_hashed(ds.id.get_offset(), array)
         ds.attrs["xxh3"] = digest
-        return ds
+        return ds, digest
+
+    def _write_hashed(self, offset: int, array: np.ndarray) -> str:
+        """Write a contiguous dataset's bytes at its allocated offset in blocks, each hashed right after
+        the write brought it into cache: one pass over memory instead of two, no HDF5 copy, no GIL."""
+        data = array.reshape(-1).view(np.uint8)
+        digest = xxhash.xxh3_64()
+        fd = os.open(self.tmp, os.O_WRONLY)
+        try:
+            for start in range(0, data.size, WRITE_BLOCK):
+                block = data[start:start + WRITE_BLOCK]
+                view = memoryview(block)
+                while view:
+                    view = view[os.pwrite(fd, view, offset + start + block.size - len(view)):]
+                digest.update(block)
+        finally:
+            os.close(fd)
+        return digest.hexdigest()
 
     def write_weights(self, weights: dict[str, np.ndarray], ties: dict[str, str] | None = None) -> None:
         """Weights under their HF names; tied parameters (lm_head = wte) become hard links.
@@ -291,7 +329,7 @@ class StageWriter:
         Their content hashes give `weights_xxh3` (and so `golden_id`) without hashing them twice.
         """
         for name, array in weights.items():
-            self._weight_hashes[name] = self._dataset("weights", name, array).attrs["xxh3"]
+            self._weight_hashes[name] = self._dataset("weights", name, array)[1]
         self._attrs.setdefault("weights_xxh3", weights_digest(self._weight_hashes))
         for alias, target in (ties or {}).items():
             self._h5["weights"][alias] = self._h5["weights"][target]
@@ -303,7 +341,7 @@ class StageWriter:
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [B,T]")
         g = self._h5.require_group(f"cases/{case}")
-        ds = self._dataset(f"cases/{case}", "input_ids", ids)
+        ds, _ = self._dataset(f"cases/{case}", "input_ids", ids)
         if prompts is not None:
             ds.attrs["prompt"] = json.dumps(prompts)
         self._dataset(f"cases/{case}", "attention_mask", mask)
@@ -318,7 +356,7 @@ class StageWriter:
             {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}[storage])
         if narrowed:
             array = narrow(array, storage, f"stage {stage} of case {case!r}")
-        ds = self._dataset(f"cases/{case}/{group}", stage, array, layout_of(stage))
+        ds, _ = self._dataset(f"cases/{case}/{group}", stage, array, layout_of(stage))
         if narrowed:
             ds.attrs["storage_dtype"] = storage
         ds.attrs["order"] = order
