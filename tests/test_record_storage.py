@@ -134,3 +134,42 @@ def test_cli_records_compressed_bf16(run_cli, tmp_path: Path) -> None:
         assert ds.compression == "gzip" and ds.compression_opts == 4 and ds.dtype == np.uint16
     with Golden.open(out) as g:
         assert g.storage_dtype == "bf16" and g.attrs["compression"] == "gzip"
+
+
+def test_token_subset_keeps_the_chosen_rows_and_whole_keys(tiny_golden: Path, tiny_loaded, tmp_path: Path) -> None:
+    out = record_tiny(tiny_loaded, tmp_path / "sub.h5", tokens="0,2,-1")
+    with Golden.open(tiny_golden) as full, Golden.open(out) as sub:
+        assert sub.attrs["tokens"] == "0,2,-1" and sub.golden_id == full.golden_id
+        for name in full.case_names():
+            a, b = full.case(name), sub.case(name)
+            T = a.input_ids.shape[1]
+            kept = [0, 2, T - 1]
+            np.testing.assert_array_equal(b.input_ids, a.input_ids)  # inputs stay whole: replay needs them
+            for stage in a.stages():
+                t_axis = a.dataset(stage).attrs["layout"].index("T")
+                whole = stage.endswith(("attn.k", "attn.v"))
+                assert (b.positions(stage) is None) == whole, stage
+                expect = a.read(stage) if whole else np.take(a.read(stage), kept, axis=t_axis)
+                np.testing.assert_array_equal(b.read(stage), expect, err_msg=f"{name} {stage}")
+                if not whole:
+                    assert b.positions(stage).tolist() == kept
+            np.testing.assert_array_equal(b.read_token("blocks.1.attn.probs", T - 1), a.read_token("blocks.1.attn.probs", T - 1))
+            with pytest.raises(TracerError, match="token 1 of logits was not recorded"):
+                b.read_token("logits", 1)
+
+
+@pytest.mark.parametrize("spec, T, expect", [("0,5,-1", 8, [0, 5, 7]), ("0:3,-2:", 8, [0, 1, 2, 6, 7]),
+                                             ("::4", 9, [0, 4, 8]), ("2:100", 4, [2, 3])])
+def test_token_specs(spec: str, T: int, expect: list[int]) -> None:
+    from tracer.store import token_positions
+
+    assert token_positions(spec, T).tolist() == expect
+
+
+@pytest.mark.parametrize("spec, message", [("9", "token 9 is outside a case of 8 tokens"), ("a", "'a' is not an index"),
+                                           ("5:2", "keeps no token")])
+def test_bad_token_specs(spec: str, message: str) -> None:
+    from tracer.store import token_positions
+
+    with pytest.raises(TracerError, match=message):
+        token_positions(spec, 8)

@@ -113,6 +113,8 @@ def record_golden(loaded: LoadedModel, cases: list[CaseInput], out: str, *, dtyp
         "storage_dtype": options.storage_dtype or natural_storage(dtype),
         "compression": options.compression,
     }
+    if options.tokens is not None:
+        attrs["tokens"] = options.tokens  # stages hold these positions only (their `tokens` attribute)
     orders = stage_order(model.config.n_layer)
     with StageWriter(out, "golden", attrs, force=force) as writer, WriteBehind(writer, budget) as behind:
         writer.options = options

@@ -25,7 +25,7 @@ import numpy as np
 import xxhash
 
 from tracer.errors import TracerError
-from tracer.stages import canonical_stages, layout_of
+from tracer.stages import canonical_stages, layout_of, split_stage
 
 FORMAT = "gpt2-tracer"
 FORMAT_VERSION = 1
@@ -142,16 +142,47 @@ def _allocated_contiguous() -> h5py.h5p.PropDCID:
     return dcpl
 
 
+# Every query reads every key: k and v stay whole under a token subset, so the attention of the kept
+# query rows can still be re-evaluated from the golden alone.
+WHOLE_UNDER_SUBSET = frozenset({"attn.k", "attn.v"})
+
+
+def token_positions(spec: str, T: int) -> np.ndarray:
+    """Positions of a `--tokens` spec in a sequence of T tokens: comma-separated indices and slices,
+    negative from the end (`0,5,-1`, `0:8`, `-16:`); slices clip to T, an index outside it is an error."""
+    picked: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        try:
+            if ":" in part:
+                bounds = [int(x) if x.strip() else None for x in part.split(":")]
+                if len(bounds) > 3:
+                    raise ValueError
+                picked.update(range(T)[slice(*bounds)])
+            else:
+                index = int(part)
+                if not -T <= index < T:
+                    raise TracerError(f"--tokens {spec!r}: token {index} is outside a case of {T} tokens")
+                picked.add(index % T)
+        except ValueError:
+            raise TracerError(f"--tokens {spec!r}: {part!r} is not an index or a start:stop slice") from None
+    if not picked:
+        raise TracerError(f"--tokens {spec!r} keeps no token of a case of {T} tokens")
+    return np.array(sorted(picked), dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class DatasetOptions:
     """How datasets go to disk: `compression` none | lzf | gzip[:LEVEL] (lossless, byte shuffle
-    first), and `storage_dtype` of stages (None: as computed; fp32 | fp16 | bf16)."""
+    first), `storage_dtype` of stages (None: as computed; fp32 | fp16 | bf16), and `tokens`, a subset
+    of positions kept along the T axis of every stage but k and v (None: all)."""
 
     compression: str = "none"
     storage_dtype: str | None = None
+    tokens: str | None = None
 
     @classmethod
-    def parse(cls, compression: str = "none", storage_dtype: str | None = None) -> DatasetOptions:
+    def parse(cls, compression: str = "none", storage_dtype: str | None = None,
+              tokens: str | None = None) -> DatasetOptions:
         name, _, level = compression.partition(":")
         valid = name in ("none", "lzf", "gzip") and (not level or (name == "gzip" and level in "123456789"
                                                                       and len(level) == 1))
@@ -159,7 +190,9 @@ class DatasetOptions:
             raise TracerError(f"unknown compression {compression!r} (none, lzf, gzip or gzip:1 ... gzip:9)")
         if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
             raise TracerError(f"unknown storage dtype {storage_dtype!r} (choose from {', '.join(STORAGE_DTYPES)})")
-        return cls(compression, storage_dtype)
+        if tokens is not None:
+            token_positions(tokens, 1 << 30)  # the syntax, before any work
+        return cls(compression, storage_dtype, tokens)
 
     def create_kwargs(self, array: np.ndarray, layout: str | None) -> dict[str, Any]:
         """h5py `create_dataset` keywords for `array`: contiguous, or chunked with a lossless filter."""
@@ -351,6 +384,11 @@ class StageWriter:
 
     def write_stage(self, case: str, stage: str, array: np.ndarray, order: int,
                     hf_module: str = "", group: str = "stages", **attrs: Any) -> None:
+        positions = None
+        if self.options.tokens is not None and split_stage(stage)[1] not in WHOLE_UNDER_SUBSET:
+            t_axis = layout_of(stage).index("T")
+            positions = token_positions(self.options.tokens, array.shape[t_axis])
+            array = np.take(array, positions, axis=t_axis)
         storage = self.options.storage_dtype
         narrowed = storage is not None and array.dtype.kind == "f" and array.dtype != np.dtype(
             {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}[storage])
@@ -362,6 +400,8 @@ class StageWriter:
         ds.attrs["order"] = order
         ds.attrs["hf_module"] = hf_module
         ds.attrs["layout"] = layout_of(stage)
+        if positions is not None:
+            ds.attrs["tokens"] = positions
         for key, value in attrs.items():
             ds.attrs[key] = value
 
@@ -369,6 +409,17 @@ class StageWriter:
         """`/cases/<case>/modules/<hf path>` as a soft link to the stage dataset (no second copy)."""
         if stage in self._h5[f"cases/{case}/stages"]:
             self._h5.require_group(f"cases/{case}/modules")[hf_path] = h5py.SoftLink(f"/cases/{case}/stages/{stage}")
+
+
+def _spans(positions: np.ndarray) -> str:
+    """`0-3,7,9-12` for a sorted position list."""
+    spans, start = [], 0
+    for k in range(1, len(positions) + 1):
+        if k == len(positions) or positions[k] != positions[k - 1] + 1:
+            a, b = positions[start], positions[k - 1]
+            spans.append(f"{a}" if a == b else f"{a}-{b}")
+            start = k
+    return ",".join(spans)
 
 
 class CaseView:
@@ -448,9 +499,21 @@ class CaseView:
         b = min(batch, ds.shape[0] - 1)  # embed.pos is stored once for the batch
         layout = ds.attrs.get("layout", "BTC")
         t_axis = layout.index("T")
-        if not 0 <= token < ds.shape[t_axis]:
-            raise TracerError(f"token {token} out of range for {stage} (T={ds.shape[t_axis]})")
+        kept = self.positions(stage, group)
+        T = self.input_ids.shape[1] if kept is not None else ds.shape[t_axis]
+        if not 0 <= token < T:
+            raise TracerError(f"token {token} out of range for {stage} (T={T})")
+        if kept is not None:
+            if token not in kept:
+                raise TracerError(f"token {token} of {stage} was not recorded (--tokens kept {_spans(kept)})")
+            token = int(np.searchsorted(kept, token))
         return widen(ds, ds[b, :, token] if t_axis == 2 else ds[b, token])
+
+    def positions(self, stage: str, group: str = "stages") -> np.ndarray | None:
+        """The token positions a stage holds along its T axis when recorded with a subset (`tokens`
+        option), in order; None when it holds every token."""
+        kept = self.dataset(stage, group).attrs.get("tokens")
+        return None if kept is None else np.asarray(kept, dtype=np.int64)
 
     def _verified(self, ds: h5py.Dataset, what: str) -> np.ndarray:
         data = ds[()]
