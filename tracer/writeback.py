@@ -126,20 +126,24 @@ class WriteBehind:
     def stage(self, case: str, stage: str, value: torch.Tensor, order: int, hf_module: str = "") -> None:
         """Queue one stage without copying it (CPU) or after starting its copy to the host (CUDA)."""
         value = value.detach()
+        version = _version(value)
+
+        def unchanged() -> None:
+            if _version(value) != version:  # on CUDA the side-stream copy may have raced the change
+                raise TracerError(f"the model changed {stage} in place after it was recorded: "
+                                  "its stored value would not be the one the forward computed")
+
         if value.is_cuda:
             host, buffer, ready = self._copy_to_host(value)
 
             def job() -> None:
                 ready.synchronize()
+                unchanged()
                 self.writer.write_stage(case, stage, host_array(host), order, hf_module)
                 self._pool.give(buffer)
         else:
-            version = _version(value)
-
             def job() -> None:
-                if _version(value) != version:
-                    raise TracerError(f"the model changed {stage} in place after it was recorded: "
-                                      "its stored value would not be the one the forward computed")
+                unchanged()
                 self.writer.write_stage(case, stage, host_array(value), order, hf_module)
         self.submit(job, value.nbytes)
 
