@@ -232,6 +232,32 @@ def test_eager_probs_equal_hf_attention_weights_bitwise(tiny_loader, which: str)
         assert torch.equal(values[f"blocks.{i}.attn.probs"], hf_probs), i
 
 
+@pytest.mark.parametrize("which", ["single", "batch"])
+def test_eager_records_attention_without_computing_it_again(tiny_loader, monkeypatch, which: str) -> None:
+    """Under eager, scores and probs are eager's own tensors (kept by the tap), not a second computation,
+    and bitwise what the side channel computes."""
+    from tracer import recorder
+
+    loaded = tiny_loader(attn="eager")
+    case = tiny_cases(loaded)[which]
+    with monkeypatch.context() as blind:  # a tap that keeps nothing: the side channel does the work
+        blind.setattr(recorder._AttentionTap, "__torch_function__",
+                      lambda self, func, types, args=(), kwargs=None: func(*args, **(kwargs or {})))
+        _, side, _ = record_in_memory(loaded, case)
+
+    def no_side_channel(*args, **kwargs):
+        raise AssertionError("attention computed a second time")
+
+    monkeypatch.setattr(Recorder, "_side_scores", no_side_channel)
+    with pytest.raises(AssertionError, match="second time"):  # the patch bites where nothing is kept
+        record_in_memory(tiny_loader(attn="sdpa"), case)
+    logits, kept, calls = record_in_memory(loaded, case)
+    assert torch.equal(logits, plain_logits(loaded, case))
+    assert calls == canonical_stages(loaded.config.n_layer)
+    for stage in calls:
+        assert torch.equal(kept[stage], side[stage]), stage
+
+
 def test_sdpa_side_channel_matches_eager(tiny_loader) -> None:
     """sdpa exposes no scores; the side channel must still produce the eager ones, bitwise (same qkv, same ops)."""
     eager = tiny_loader(attn="eager")

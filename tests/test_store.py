@@ -11,17 +11,18 @@ import pytest
 
 from tracer.errors import TracerError
 from tracer.record import build_cases, record_golden
-from tracer.store import FORMAT_VERSION, CaseView, Golden, StageFile, StageWriter, Trace, check_output_path
+from tracer.store import FORMAT_VERSION, CaseView, Golden, StageFile, StageWriter, Trace
+from tracer.atomic import check_output_path
 
 ATTRS = {"model_config": {"n_layer": 1, "n_embd": 4, "n_head": 2}, "weights_sha256": "w0", "dtype": "fp32"}
 
 
-def write_small(path: Path, *, ids=((1, 2, 3),), attrs=ATTRS, force: bool = False, fail_with: BaseException | None = None):
+def write_small(path: Path, *, ids=((1, 2, 3),), attrs=ATTRS, force: bool = False, fail_with: BaseException | None = None,
+                wte: np.ndarray = np.arange(8, dtype=np.float32).reshape(2, 4)):
     """A one-case golden written by hand; `fail_with` is raised after the first stage is written."""
     ids = np.array(ids, dtype=np.int64)
     with StageWriter(path, "golden", attrs, force=force) as w:
-        w.write_weights({"transformer.wte.weight": np.arange(8, dtype=np.float32).reshape(2, 4)},
-                        {"lm_head.weight": "transformer.wte.weight"})
+        w.write_weights({"transformer.wte.weight": wte}, {"lm_head.weight": "transformer.wte.weight"})
         w.begin_case("case0", ids, np.ones_like(ids), ["abc"])
         w.write_stage("case0", "embed.tok", np.ones((*ids.shape, 4), np.float32), order=0, hf_module="transformer.wte")
         if fail_with is not None:
@@ -233,8 +234,23 @@ def test_golden_id_follows_content(tmp_path: Path, tiny_loaded) -> None:
 def test_golden_id_follows_weights(tmp_path: Path) -> None:
     write_small(tmp_path / "a.h5")
     write_small(tmp_path / "b.h5")
-    write_small(tmp_path / "c.h5", attrs={**ATTRS, "weights_sha256": "w1"})
+    changed = np.arange(8, dtype=np.float32).reshape(2, 4)
+    changed[1, 3] = np.nextafter(changed[1, 3], np.float32(0))  # one rounding unit in one weight
+    write_small(tmp_path / "c.h5", wte=changed)
     write_small(tmp_path / "d.h5", ids=((1, 2, 4),))
     ids = [golden_id_of(tmp_path / n) for n in ("a.h5", "b.h5", "c.h5", "d.h5")]
     assert ids[0] == ids[1]
     assert len(set(ids[1:])) == 3
+
+
+def test_golden_id_names_the_weights_whether_or_not_they_are_stored(tmp_path: Path, tiny_loaded) -> None:
+    """--no-weights hashes the weights it leaves out (xxh3, no SHA-256 pass): same content, same id."""
+    cases = build_cases(tiny_loaded, ["same prompt"], [], False)
+    ids = {}
+    for with_weights in (True, False):
+        out = tmp_path / f"{with_weights}.h5"
+        record_golden(tiny_loaded, cases, str(out), dtype="fp32", attn="eager", with_weights=with_weights)
+        with Golden.open(out) as g:
+            assert g.has_weights == with_weights
+            ids[with_weights] = (g.golden_id, g.attrs["weights_xxh3"])
+    assert ids[True] == ids[False]

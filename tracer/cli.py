@@ -51,6 +51,11 @@ def record(
                                          "(comma-separated), e.g. 'blocks.0.*,logits'."),
     no_weights: bool = typer.Option(False, "--no-weights", help="Leave weights out (replay then needs them "
                                     "from elsewhere)."),
+    compression: str = typer.Option("none", "--compression", help="Lossless compression of every dataset: none, "
+                                    "lzf (fast) or gzip[:LEVEL] (smaller, slower); readers need nothing extra."),
+    storage_dtype: Optional[str] = typer.Option(None, "--storage-dtype", help="Store stages as fp32, fp16 or bf16 "
+                                                "(default: as computed). Narrower is lossy: the file records "
+                                                "it (storage_dtype) and how much rounding it put in."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
@@ -62,6 +67,9 @@ def record(
     with Reservation(output, force), session(quiet):  # an unwritable or busy output fails before the model loads
         texts = list(prompt) + (read_prompts_file(prompts_file) if prompts_file is not None else [])
         id_lists = [parse_ids(x) for x in ids]  # fail on bad ids before loading a model
+        from tracer.store import DatasetOptions
+
+        options = DatasetOptions.parse(compression, storage_dtype)
         preflight(model if random is None else "random:")  # an unreachable hub fails before the slow imports
         from tracer.models import RANDOM_PREFIX, load_model
         from tracer.progress import track
@@ -73,7 +81,7 @@ def record(
         cases = build_cases(loaded, texts, id_lists, batch)
         record_golden(loaded, cases, str(output), dtype=dtype, attn=attn, selector=StageSelector.parse(stages),
                       with_weights=not no_weights, force=force, seed=seed,
-                      progress=partial(track, description="recording", quiet=quiet))
+                      progress=partial(track, description="recording", quiet=quiet), options=options)
     if not quiet:
         console.print(f"recorded {len(cases)} case(s) of {loaded.source} ({dtype}, {attn}, {device}) -> {output}")
 

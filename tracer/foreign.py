@@ -25,12 +25,22 @@ from typing import Any
 import h5py
 import numpy as np
 
+from tracer.atomic import check_output_path
 from tracer.dumpnotes import dump_notes
 from tracer.errors import TracerError, io_error
 from tracer.record import trace_attrs
-from tracer.stages import (BLOCK_STAGES, EMBED_STAGES, FINAL_STAGES, canonical_stages, hf_aliases, hf_sources,
-                           layout_of, split_stage, stage_order)
-from tracer.store import Golden, StageWriter, Trace, check_output_path
+from tracer.stages import (
+    BLOCK_STAGES,
+    EMBED_STAGES,
+    FINAL_STAGES,
+    canonical_stages,
+    hf_aliases,
+    hf_sources,
+    layout_of,
+    split_stage,
+    stage_order,
+)
+from tracer.store import Golden, StageWriter, Trace
 
 try:
     import tomllib

@@ -21,12 +21,28 @@ from pathlib import Path
 
 import numpy as np
 
+from tracer.atomic import check_output_path
 from tracer.errors import TracerError
-from tracer.foreign import (PRINT_TAGS, Warn, default_warn, is_local_stage, load_toml, maps_dir, pick_case,
-                            resolve_map_path)
+from tracer.foreign import (
+    PRINT_TAGS,
+    Warn,
+    default_warn,
+    is_local_stage,
+    load_toml,
+    maps_dir,
+    pick_case,
+    resolve_map_path,
+)
 from tracer.record import trace_attrs
-from tracer.stages import EMBED_STAGES, FINAL_STAGES, SEED_LABELS, block_stage, layout_of, stage_order
-from tracer.store import CaseView, Golden, StageWriter, check_output_path
+from tracer.stages import (
+    EMBED_STAGES,
+    FINAL_STAGES,
+    SEED_LABELS,
+    block_stage,
+    layout_of,
+    stage_order,
+)
+from tracer.store import CaseView, Golden, StageWriter
 
 TAG_LINE = re.compile(r"\[(?P<tag>[^\]]+)\](?P<rest>.*)")
 LOCATED = re.compile(r"\s*(batch|layer|token|head)\s*\d", re.IGNORECASE)  # what makes a line a tag line

@@ -15,7 +15,8 @@ from tracer.stages import StageSelector
 from tracer.store import CaseView, StageFile
 
 META_KEYS = ("kind", "model_source", "dtype", "device", "attn_implementation", "tf32", "created", "producer",
-             "golden_id", "backend", "mode", "weights_sha256", "versions")
+             "golden_id", "backend", "mode", "weights_xxh3", "weights_sha256", "storage_dtype", "compression",
+             "versions")
 
 
 def stage_summary(case: CaseView, stage: str, token: int, group: str = "stages") -> dict[str, Any]:
@@ -28,7 +29,7 @@ def stage_summary(case: CaseView, stage: str, token: int, group: str = "stages")
     return {
         "stage": stage,
         "shape": list(ds.shape),
-        "dtype": str(ds.dtype),
+        "dtype": ds.attrs.get("storage_dtype") or str(ds.dtype),  # a narrowed stage: what it is stored as
         "hf_module": ds.attrs.get("hf_module", ""),
         "min": float(stats.min()) if stats.size else None,
         "max": float(stats.max()) if stats.size else None,

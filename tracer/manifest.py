@@ -31,11 +31,19 @@ from pathlib import Path
 
 import numpy as np
 
+from tracer.atomic import check_output_path
 from tracer.errors import TracerError
-from tracer.foreign import Warn, _plan, default_warn, dtype_name, import_foreign, load_name_map
+from tracer.foreign import (
+    Warn,
+    _plan,
+    default_warn,
+    dtype_name,
+    import_foreign,
+    load_name_map,
+)
 from tracer.record import PRODUCER, versions
 from tracer.stages import canonical_stages, hf_aliases, stage_order
-from tracer.store import Golden, StageWriter, check_output_path
+from tracer.store import Golden, StageWriter
 
 SUFFIX = "_manifest.json"
 GPT2_KEYS = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")

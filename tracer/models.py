@@ -7,7 +7,6 @@ user's `save_pretrained` directory or a hub id takes.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -180,21 +179,9 @@ def weights_of(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     return unique, ties
 
 
-def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        h.update(name.encode())
-        h.update(tensor_bytes(weights[name]))
-    return h.hexdigest()
-
-
 def to_numpy(t: torch.Tensor):
     """Host copy in a dtype h5py stores (bf16 widens exactly to fp32)."""
     t = t.detach()
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.cpu().numpy()
-
-
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    return to_numpy(t).tobytes()

@@ -6,16 +6,18 @@ import importlib.metadata as md
 import json
 import platform
 from collections.abc import Iterable
+from functools import partial
 
 import numpy as np
 import torch
 
 from tracer.errors import TracerError
-from tracer.models import LoadedModel, to_numpy, weights_of, weights_sha256
+from tracer.models import LoadedModel, weights_of
 from tracer.progress import step, track
 from tracer.recorder import CaseInput, Recorder
 from tracer.stages import StageSelector, canonical_stages, stage_order
-from tracer.store import StageFile, StageWriter
+from tracer.store import DatasetOptions, StageFile, StageWriter, content_hash, natural_storage, weights_digest
+from tracer.writeback import DEFAULT_BUDGET, HostWeights, WriteBehind, host_array
 
 PRODUCER = "gpt2-tracer"
 
@@ -87,8 +89,13 @@ def tf32_flags() -> dict[str, bool]:
 
 def record_golden(loaded: LoadedModel, cases: list[CaseInput], out: str, *, dtype: str, attn: str,
                   selector: StageSelector = StageSelector(), with_weights: bool = True, force: bool = False,
-                  seed: int = 0, progress: Iterable | None = None) -> None:
-    """Record every case into `out` atomically. `progress` wraps the case iterator (rich bar)."""
+                  seed: int = 0, progress: Iterable | None = None, options: DatasetOptions = DatasetOptions(),
+                  budget: int = DEFAULT_BUDGET) -> None:
+    """Record every case into `out` atomically. `progress` wraps the case iterator (rich bar).
+
+    Stages are written behind the forward (`WriteBehind`): at most `budget` bytes of them wait in
+    memory. `options` chooses compression and the stages' storage dtype.
+    """
     model = loaded.model
     device = next(model.parameters()).device
     selector.select(canonical_stages(model.config.n_layer))  # unknown glob: fail before any work
@@ -97,7 +104,6 @@ def record_golden(loaded: LoadedModel, cases: list[CaseInput], out: str, *, dtyp
         "producer": PRODUCER,
         "model_source": loaded.source,
         "model_config": json.loads(model.config.to_json_string(use_diff=False)),
-        "weights_sha256": weights_sha256(weights),
         "versions": versions(),
         "device": str(device),
         "dtype": dtype,
@@ -105,24 +111,36 @@ def record_golden(loaded: LoadedModel, cases: list[CaseInput], out: str, *, dtyp
         "tf32": str(tf32_flags()),
         "seed": seed,
         "tokenizer": loaded.tokenizer_kind,
+        "storage_dtype": options.storage_dtype or natural_storage(dtype),
+        "compression": options.compression,
     }
+    if options.tokens is not None:
+        attrs["tokens"] = options.tokens  # stages hold these positions only (their `tokens` attribute)
     orders = stage_order(model.config.n_layer)
     n_stages = len(selector.select(canonical_stages(model.config.n_layer)))
-    with StageWriter(out, "golden", attrs, force=force) as writer:
+    with StageWriter(out, "golden", attrs, force=force) as writer, WriteBehind(writer, budget) as behind:
+        writer.options = options
         if with_weights:
             for name in track(list(weights), "writing weights"):
-                writer.write_weights({name: to_numpy(weights[name])})
-            writer.write_weights({}, ties)
+                behind.submit(partial(writer.write_weights, HostWeights({name: weights[name]})))
+            behind.submit(partial(writer.write_weights, {}, ties))
+        else:  # golden_id still names the weights: their content hashes, as if written
+            behind.submit(lambda: writer.set_attr("weights_xxh3", weights_digest(
+                {name: content_hash(host_array(t)) for name, t in weights.items()})))
         for case in (progress(cases) if progress else cases):
-            writer.begin_case(case.name, case.input_ids, case.attention_mask, case.prompts)
+            behind.submit(partial(writer.begin_case, case.name, case.input_ids, case.attention_mask, case.prompts))
             with step(f"{case.name}: forward, writing stages", n_stages) as written:
 
                 def sink(stage: str, value: torch.Tensor, hf_module: str, _case=case.name, _done=written) -> None:
-                    writer.write_stage(_case, stage, to_numpy(value), orders[stage], hf_module)
+                    behind.stage(_case, stage, value, orders[stage], hf_module)
                     _done()
 
                 with Recorder(model, sink, selector) as rec:
                     rec.run(torch.from_numpy(case.input_ids).to(device),
                             torch.from_numpy(case.attention_mask).to(device))
-                    for path, stage in rec.links().items():
-                        writer.link_module(case.name, path, stage)
+                    behind.submit(partial(_link_modules, writer, case.name, rec.links()))
+
+
+def _link_modules(writer: StageWriter, case: str, links: dict[str, str]) -> None:
+    for path, stage in links.items():
+        writer.link_module(case, path, stage)

@@ -28,12 +28,12 @@ from backends.exec_backend import ExecBackend
 from backends.inject import describe_catalog
 from backends.protocol import Backend
 from backends.registry import backend_class, resolve_backend
-from tracer.atomic import Reservation
+from tracer.atomic import Reservation, check_output_path
 from tracer.errors import TracerError, io_error
 from tracer.progress import session, step, track
 from tracer.record import trace_attrs
-from tracer.store import CaseView, Golden, StageWriter, check_output_path
 from tracer.stages import stage_order
+from tracer.store import CaseView, Golden, StageWriter
 
 MODES = ("chained", "isolated", "both")
 GROUPS = {"chained": ("stages",), "isolated": ("isolated",), "both": ("stages", "isolated")}

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,10 @@ import h5py
 import numpy as np
 import xxhash
 
-from tracer.atomic import OutputFile, check_output_path
+from tracer.atomic import OutputFile
 from tracer.errors import TracerError, io_error
 from tracer.interrupts import Deferred
-from tracer.stages import canonical_stages, layout_of
+from tracer.stages import canonical_stages, layout_of, split_stage
 
 FORMAT = "gpt2-tracer"
 FORMAT_VERSION = 1
@@ -40,6 +41,204 @@ def content_hash(array: np.ndarray) -> str:
     return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(array).view(np.uint8).data)
 
 
+def weights_digest(hashes: dict[str, str]) -> str:
+    """One hash of all weights from their per-tensor content hashes (names included, order-free)."""
+    h = xxhash.xxh3_128()
+    for name in sorted(hashes):
+        h.update(f"{name}={hashes[name]};".encode())
+    return h.hexdigest()
+
+
+# -- storage dtypes ---------------------------------------------------------------------------
+# Rounding a value to a storage dtype moves it by at most UNIT_ROUNDOFF x |value|, or by
+# SUBNORMAL_FLOOR where the result is subnormal (round to nearest even).
+UNIT_ROUNDOFF = {"fp64": 2.0**-53, "fp32": 2.0**-24, "fp16": 2.0**-11, "bf16": 2.0**-8}
+SUBNORMAL_FLOOR = {"fp64": 2.0**-1075, "fp32": 2.0**-150, "fp16": 2.0**-25, "bf16": 2.0**-134}
+STORAGE_DTYPES = ("fp32", "fp16", "bf16")
+# (computed dtype, storage dtype) pairs that store every value exactly.
+EXACT_STORAGE = {("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"),
+                 ("fp64", "fp64")}
+
+
+def natural_storage(dtype: str) -> str:
+    """What stages of a model computed in `dtype` are stored as by default (bf16 widens exactly to fp32)."""
+    return "fp32" if dtype == "bf16" else dtype
+
+
+def storage_rounding(dtype: str, storage: str) -> tuple[float, float]:
+    """(relative, absolute) bound on what storing `dtype` values as `storage` changes them by."""
+    if (dtype, storage) in EXACT_STORAGE:
+        return 0.0, 0.0
+    return UNIT_ROUNDOFF[storage], SUBNORMAL_FLOOR[storage]
+
+
+def to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even, NaN kept NaN (numpy has no bf16)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    out = bits >> 16
+    out &= 1
+    out += 0x7FFF
+    out += bits
+    out >>= 16
+    out = out.astype(np.uint16)
+    out[np.isnan(values)] = 0x7FC0
+    return out
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def narrow(values: np.ndarray, storage: str, what: str) -> np.ndarray:
+    """Round float values to the storage dtype; a finite value that would become Inf is refused."""
+    if storage == "bf16":
+        stored = to_bf16_bits(values)
+        overflow = np.isinf(from_bf16_bits(stored))
+    else:
+        with np.errstate(over="ignore"):  # overflow is checked right below, by stage name
+            stored = values.astype({"fp16": np.float16, "fp32": np.float32}[storage], copy=False)
+        overflow = np.isinf(stored) if stored.dtype != values.dtype else None
+    if overflow is not None and overflow.any() and np.isfinite(values[overflow]).any():
+        biggest = float(np.abs(values[np.isfinite(values)]).max())
+        raise TracerError(f"{what} has values beyond the {storage} range (|x| up to {biggest:.4g}): "
+                          f"store it as {'bf16 or ' if storage == 'fp16' else ''}fp32")
+    return stored
+
+
+def widen(ds: h5py.Dataset, data: np.ndarray) -> np.ndarray:
+    """Stage values as float32 again when they were stored narrower than computed."""
+    stored = ds.attrs.get("storage_dtype")
+    if stored == "bf16":
+        return from_bf16_bits(data)
+    if stored == "fp16":
+        return data.astype(np.float32)
+    return data
+
+
+CHUNK_BYTES = 1 << 20
+COMPRESS_MIN_BYTES = 64 << 10  # smaller datasets stay contiguous: a chunk index would outweigh the saving
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, layout: str | None) -> tuple[int, ...]:
+    """About 1 MiB of whole rows along the token axis (axis 0 without a layout); heads stay whole.
+
+    One token's slice of any stage then lies in one chunk (`read_token` decompresses one chunk),
+    and whole-stage reads stream through chunks that fit HDF5's default 1 MiB chunk cache.
+    """
+    split = layout.index("T") if layout and "T" in layout else 0
+    chunk = [1] + list(shape[1:split]) + list(shape[split:]) if split else list(shape)
+    row = itemsize * int(np.prod([n for k, n in enumerate(chunk) if k != split]))
+    chunk[split] = min(shape[split], max(1, CHUNK_BYTES // max(row, 1)))
+    return tuple(max(1, n) for n in chunk)
+
+
+WRITE_BLOCK = 256 << 10  # fits L2: hashed from cache after its write
+
+
+def _allocated_contiguous() -> h5py.h5p.PropDCID:
+    """Contiguous storage allocated at creation and never filled by HDF5: the writer puts the bytes
+    there itself (`StageWriter._write_hashed`), so HDF5 never touches that raw data."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+# HDF5's own calls for what every dataset gets (creation, its str / int attributes): about a third
+# of h5py's per-object cost, which adds up over hundreds of weights and stages. The objects are
+# exactly what h5py's high-level calls make (UTF-8 names, variable-length UTF-8 str, int64).
+_ALLOCATED = _allocated_contiguous()
+_LINKS = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+_LINKS.set_char_encoding(h5py.h5t.CSET_UTF8)
+_STR = h5py.h5t.py_create(h5py.string_dtype(), logical=True)
+_SCALAR = h5py.h5s.create(h5py.h5s.SCALAR)
+
+
+def _new_contiguous(parent: h5py.Group, name: str, array: np.ndarray) -> h5py.Dataset:
+    space = h5py.h5s.create_simple(array.shape)
+    dsid = h5py.h5d.create(parent.id, name.encode(), h5py.h5t.py_create(array.dtype), space, dcpl=_ALLOCATED,
+                           lcpl=_LINKS)
+    return h5py.Dataset(dsid)
+
+
+def _set_attrs(ds: h5py.Dataset, attrs: dict[str, Any]) -> None:
+    """Attributes of a new dataset: str and int through HDF5 directly, anything else through h5py."""
+    for name, value in attrs.items():
+        if isinstance(value, str):
+            tid, data = _STR, np.array(value, dtype=h5py.string_dtype())
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            tid, data = h5py.h5t.NATIVE_INT64, np.array(value, dtype=np.int64)
+        else:
+            ds.attrs[name] = value
+            continue
+        h5py.h5a.create(ds.id, name.encode(), tid, _SCALAR).write(data)
+
+
+# Every query reads every key: k and v stay whole under a token subset, so the attention of the kept
+# query rows can still be re-evaluated from the golden alone.
+WHOLE_UNDER_SUBSET = frozenset({"attn.k", "attn.v"})
+
+
+def token_positions(spec: str, T: int) -> np.ndarray:
+    """Positions of a `--tokens` spec in a sequence of T tokens: comma-separated indices and slices,
+    negative from the end (`0,5,-1`, `0:8`, `-16:`); slices clip to T, an index outside it is an error."""
+    picked: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        try:
+            if ":" in part:
+                bounds = [int(x) if x.strip() else None for x in part.split(":")]
+                if len(bounds) > 3:
+                    raise ValueError
+                picked.update(range(T)[slice(*bounds)])
+            else:
+                index = int(part)
+                if not -T <= index < T:
+                    raise TracerError(f"--tokens {spec!r}: token {index} is outside a case of {T} tokens")
+                picked.add(index % T)
+        except ValueError:
+            raise TracerError(f"--tokens {spec!r}: {part!r} is not an index or a start:stop slice") from None
+    if not picked:
+        raise TracerError(f"--tokens {spec!r} keeps no token of a case of {T} tokens")
+    return np.array(sorted(picked), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """How datasets go to disk: `compression` none | lzf | gzip[:LEVEL] (lossless, byte shuffle
+    first), `storage_dtype` of stages (None: as computed; fp32 | fp16 | bf16), and `tokens`, a subset
+    of positions kept along the T axis of every stage but k and v (None: all)."""
+
+    compression: str = "none"
+    storage_dtype: str | None = None
+    tokens: str | None = None
+
+    @classmethod
+    def parse(cls, compression: str = "none", storage_dtype: str | None = None,
+              tokens: str | None = None) -> DatasetOptions:
+        name, _, level = compression.partition(":")
+        valid = name in ("none", "lzf", "gzip") and (not level or (name == "gzip" and level in "123456789"
+                                                                      and len(level) == 1))
+        if not valid:
+            raise TracerError(f"unknown compression {compression!r} (none, lzf, gzip or gzip:1 ... gzip:9)")
+        if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
+            raise TracerError(f"unknown storage dtype {storage_dtype!r} (choose from {', '.join(STORAGE_DTYPES)})")
+        if tokens is not None:
+            token_positions(tokens, 1 << 30)  # the syntax, before any work
+        return cls(compression, storage_dtype, tokens)
+
+    def create_kwargs(self, array: np.ndarray, layout: str | None) -> dict[str, Any]:
+        """h5py `create_dataset` keywords for `array`: contiguous, or chunked with a lossless filter."""
+        if self.compression == "none" or array.ndim == 0 or array.nbytes < COMPRESS_MIN_BYTES:
+            return {}
+        name, _, level = self.compression.partition(":")
+        opts = {"compression": name, "shuffle": True, "chunks": chunk_shape(array.shape, array.itemsize, layout)}
+        if name == "gzip":
+            opts["compression_opts"] = int(level or 4)
+        return opts
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -51,7 +250,10 @@ class StageWriter:
     a clean exit renames it onto `path`. On any exception (a full disk, Ctrl-C, SIGTERM) it is
     deleted and `path` is untouched. Signals are deferred to the next write (see
     `tracer.interrupts`), so they cannot be lost inside h5py.
+    `options` (set before writing) chooses compression and the stages' storage dtype.
     """
+
+    options: DatasetOptions = DatasetOptions()
 
     def __init__(self, path: str | os.PathLike, kind: str, attrs: dict[str, Any], force: bool = False):
         if kind not in ("golden", "trace"):
@@ -140,25 +342,61 @@ class StageWriter:
         self._attrs[key] = value
 
     def golden_id(self) -> str:
-        """Content hash of weights + inputs, so a trace can name the golden it replayed."""
+        """Content hash of weights + inputs, so a trace can name the golden it replayed.
+
+        The weights enter through `weights_xxh3` (`weights_digest` of their content hashes), or
+        `weights_sha256` in files written before it.
+        """
         h = hashlib.sha256()
-        h.update(str(self._attrs.get("weights_sha256", "")).encode())
+        h.update(str(self._attrs.get("weights_xxh3") or self._attrs.get("weights_sha256", "")).encode())
         for name in sorted(self._input_hashes):
             h.update(f"{name}:{self._input_hashes[name]}".encode())
         return h.hexdigest()[:16]
 
     # -- content ---------------------------------------------------------------------------
-    def _dataset(self, group: str, name: str, array: np.ndarray) -> h5py.Dataset:
+    def _dataset(self, group: str, name: str, array: np.ndarray,
+                 layout: str | None = None) -> tuple[h5py.Dataset, str]:
+        """A new dataset holding `array`, and its content hash (also stored as its `xxh3` attribute)."""
         self._check_interrupt()
+        array = np.ascontiguousarray(array)  # head-split views arrive strided: one copy, here
         self._check_room(array.nbytes)
-        ds = self._h5.require_group(group).create_dataset(name, data=array)
-        ds.attrs["xxh3"] = content_hash(array)
-        return ds
+        parent = self._h5.require_group(group)
+        chunked = self.options.create_kwargs(array, layout)
+        if chunked or array.ndim == 0 or array.size == 0:
+            digest = content_hash(array)
+            ds = parent.create_dataset(name, data=array, **chunked)
+        else:
+            ds = _new_contiguous(parent, name, array)
+            digest = self._write_hashed(ds.id.get_offset(), array)
+        _set_attrs(ds, {"xxh3": digest})
+        return ds, digest
+
+    def _write_hashed(self, offset: int, array: np.ndarray) -> str:
+        """Write a contiguous dataset's bytes at its allocated offset in blocks, each hashed right after
+        the write brought it into cache: one pass over memory instead of two, no HDF5 copy, no GIL."""
+        data = array.reshape(-1).view(np.uint8)
+        digest = xxhash.xxh3_64()
+        fd = os.open(self.tmp, os.O_WRONLY)
+        try:
+            for start in range(0, data.size, WRITE_BLOCK):
+                block = data[start:start + WRITE_BLOCK]
+                view = memoryview(block)
+                while view:
+                    view = view[os.pwrite(fd, view, offset + start + block.size - len(view)):]
+                digest.update(block)
+        finally:
+            os.close(fd)
+        return digest.hexdigest()
 
     def write_weights(self, weights: dict[str, np.ndarray], ties: dict[str, str] | None = None) -> None:
-        """Weights under their HF names; tied parameters (lm_head = wte) become hard links."""
+        """Weights under their HF names; tied parameters (lm_head = wte) become hard links.
+
+        Their content hashes give `weights_xxh3` (and so `golden_id`) without hashing them twice.
+        """
         for name, array in weights.items():
-            self._dataset("weights", name, array)
+            self._weight_hashes[name] = self._dataset("weights", name, array)[1]
+        if self._weight_hashes:  # called once per weight too: the digest covers every weight written so far
+            self._attrs["weights_xxh3"] = weights_digest(self._weight_hashes)
         for alias, target in (ties or {}).items():
             self._h5["weights"][alias] = self._h5["weights"][target]
 
@@ -169,7 +407,7 @@ class StageWriter:
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [B,T]")
         g = self._h5.require_group(f"cases/{case}")
-        ds = self._dataset(f"cases/{case}", "input_ids", ids)
+        ds, _ = self._dataset(f"cases/{case}", "input_ids", ids)
         if prompts is not None:
             ds.attrs["prompt"] = json.dumps(prompts)
         self._dataset(f"cases/{case}", "attention_mask", mask)
@@ -179,17 +417,37 @@ class StageWriter:
 
     def write_stage(self, case: str, stage: str, array: np.ndarray, order: int,
                     hf_module: str = "", group: str = "stages", **attrs: Any) -> None:
-        ds = self._dataset(f"cases/{case}/{group}", stage, array)
-        ds.attrs["order"] = order
-        ds.attrs["hf_module"] = hf_module
-        ds.attrs["layout"] = layout_of(stage)
-        for key, value in attrs.items():
-            ds.attrs[key] = value
+        positions = None
+        if self.options.tokens is not None and split_stage(stage)[1] not in WHOLE_UNDER_SUBSET:
+            t_axis = layout_of(stage).index("T")
+            positions = token_positions(self.options.tokens, array.shape[t_axis])
+            array = np.take(array, positions, axis=t_axis)
+        storage = self.options.storage_dtype
+        narrowed = storage is not None and array.dtype.kind == "f" and array.dtype != np.dtype(
+            {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}[storage])
+        if narrowed:
+            array = narrow(array, storage, f"stage {stage} of case {case!r}")
+        ds, _ = self._dataset(f"cases/{case}/{group}", stage, array, layout_of(stage))
+        extra = {"storage_dtype": storage} if narrowed else {}
+        if positions is not None:
+            extra["tokens"] = positions
+        _set_attrs(ds, {"order": order, "hf_module": hf_module, "layout": layout_of(stage), **extra, **attrs})
 
     def link_module(self, case: str, hf_path: str, stage: str) -> None:
         """`/cases/<case>/modules/<hf path>` as a soft link to the stage dataset (no second copy)."""
         if stage in self._h5[f"cases/{case}/stages"]:
             self._h5.require_group(f"cases/{case}/modules")[hf_path] = h5py.SoftLink(f"/cases/{case}/stages/{stage}")
+
+
+def _spans(positions: np.ndarray) -> str:
+    """`0-3,7,9-12` for a sorted position list."""
+    spans, start = [], 0
+    for k in range(1, len(positions) + 1):
+        if k == len(positions) or positions[k] != positions[k - 1] + 1:
+            a, b = positions[start], positions[k - 1]
+            spans.append(f"{a}" if a == b else f"{a}-{b}")
+            start = k
+    return ",".join(spans)
 
 
 class CaseView:
@@ -269,20 +527,32 @@ class CaseView:
         b = min(batch, ds.shape[0] - 1)  # embed.pos is stored once for the batch
         layout = ds.attrs.get("layout", "BTC")
         t_axis = layout.index("T")
-        if not 0 <= token < ds.shape[t_axis]:
-            raise TracerError(f"token {token} out of range for {stage}: valid tokens are 0..{ds.shape[t_axis] - 1}")
+        kept = self.positions(stage, group)
+        T = self.input_ids.shape[1] if kept is not None else ds.shape[t_axis]
+        if not 0 <= token < T:
+            raise TracerError(f"token {token} out of range for {stage}: valid tokens are 0..{T - 1}")
+        if kept is not None:
+            if token not in kept:
+                raise TracerError(f"token {token} of {stage} was not recorded (--tokens kept {_spans(kept)})")
+            token = int(np.searchsorted(kept, token))
         try:
-            return ds[b, :, token] if t_axis == 2 else ds[b, token]
+            return widen(ds, ds[b, :, token] if t_axis == 2 else ds[b, token])
         except (OSError, RuntimeError, ValueError):
             raise TracerError(f"{self.file.path}: cannot read case {self.name!r} {group}/{stage}: the file is "
                               "corrupt or truncated") from None
+
+    def positions(self, stage: str, group: str = "stages") -> np.ndarray | None:
+        """The token positions a stage holds along its T axis when recorded with a subset (`tokens`
+        option), in order; None when it holds every token."""
+        kept = self.dataset(stage, group).attrs.get("tokens")
+        return None if kept is None else np.asarray(kept, dtype=np.int64)
 
     def _verified(self, ds: h5py.Dataset, what: str) -> np.ndarray:
         data = self.file.read_dataset(ds, f"case {self.name!r} {what}")
         expected = ds.attrs.get("xxh3")
         if expected is not None and content_hash(data) != expected:
             raise TracerError(f"{self.file.path}: checksum mismatch in case {self.name!r} {what}: the file is corrupt")
-        return data
+        return widen(ds, data)
 
 
 class StageFile:
@@ -373,6 +643,17 @@ class StageFile:
             return ds[()]
         except (OSError, RuntimeError, ValueError):
             raise TracerError(f"{self.path}: cannot read {what}: the file is corrupt or truncated") from None
+
+    @property
+    def storage_dtype(self) -> str:
+        """What stage values were stored as (fp32, fp16, bf16, fp64); files before the option: as computed."""
+        return self.attrs.get("storage_dtype") or natural_storage(self.attrs.get("dtype") or "fp32")
+
+    @property
+    def storage_rounding(self) -> tuple[float, float]:
+        """(relative, absolute) bound on the error storage alone put into every stored stage value:
+        |stored - computed| <= rel * |computed| + abs elementwise; (0, 0) when stored exactly."""
+        return storage_rounding(self.attrs.get("dtype") or "fp32", self.storage_dtype)
 
     def case_names(self) -> list[str]:
         return list(self.h5["cases"].keys()) if "cases" in self.h5 else []

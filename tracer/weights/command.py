@@ -7,8 +7,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tracer.progress import track
 from tracer.atomic import Reservation
+from tracer.progress import track
 from tracer.weights.audit import audit
 from tracer.weights.mapwrite import write_map
 from tracer.weights.names import load_weight_map
