@@ -220,3 +220,18 @@ def test_inspect_flags_a_nonfinite_golden_stage(tiny_golden, tmp_path, run_cli):
     code, out, _ = run_cli("inspect", broken, "--stage", "blocks.0.*")
     flagged = [line for line in out.splitlines() if "NaN/Inf" in line]
     assert code == 0 and len(flagged) == 1 and "1 NaN/Inf" in flagged[0]
+
+
+@pytest.mark.parametrize("storage", ["fp16", "bf16"])
+def test_golden_stored_narrow_still_judges_right(storage, tiny_loaded, tmp_path):
+    """A golden stored in fp16/bf16 carries storage rounding: the oracle measures its drift against the
+    stored values, so a correct port passes and a real bug is still found."""
+    from tracer.record import build_cases, record_golden
+    from tracer.store import DatasetOptions
+
+    golden = tmp_path / f"{storage}.h5"
+    record_golden(tiny_loaded, build_cases(tiny_loaded, ["Stored narrow"], [], batch=False), str(golden),
+                  dtype="fp32", attn="eager", options=DatasetOptions.parse("none", storage))
+    assert run_compare(CompareRequest(golden, backend="numpy", mode="chained", quiet=True)).passed
+    buggy = run_compare(CompareRequest(golden, backend="numpy", inject="gelu-erf", mode="chained", quiet=True))
+    assert buggy.origin["stage"] == "blocks.0.mlp.act"
