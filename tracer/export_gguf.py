@@ -21,6 +21,7 @@ BLOCK_TENSORS = {
     "ln_1": ("ATTN_NORM", False), "attn.c_attn": ("ATTN_QKV", True), "attn.c_proj": ("ATTN_OUT", True),
     "ln_2": ("FFN_NORM", False), "mlp.c_fc": ("FFN_UP", True), "mlp.c_proj": ("FFN_DOWN", True),
 }
+PLACEHOLDER_MERGE = "\u0120 \u0120"  # "Ġ Ġ": two spaces in GPT-2's byte alphabet
 GLOBAL_TENSORS = {
     "transformer.wte.weight": "TOKEN_EMBD", "transformer.wpe.weight": "POS_EMBD",
     "transformer.ln_f.weight": "OUTPUT_NORM", "transformer.ln_f.bias": "OUTPUT_NORM", "lm_head.weight": "OUTPUT",
@@ -100,8 +101,9 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], config: dict, tokeniz
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
-    if merges:
-        writer.add_token_merges(merges)
+    # llama.cpp refuses a gpt2 vocabulary without merges; one merge whose result is no token changes
+    # nothing (its tokenizer falls back to single tokens), and ports are fed ids anyway.
+    writer.add_token_merges(merges or [PLACEHOLDER_MERGE])
     for key in ("bos_token_id", "eos_token_id"):
         if config.get(key) is not None:
             getattr(writer, f"add_{key}")(int(config[key]))

@@ -1,0 +1,125 @@
+"""The llamacpp backend: llama.cpp's own GPT-2 graph as a candidate, its named tensors as stages.
+
+Without llama-cpp-python (CI does not install the extra) only the listing, the refusal and the
+layout conversions are tested; with it, the tiny golden replayed through llama.cpp must pass and
+every tensor llama.cpp names must be accounted for.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from backends.llamacpp_backend import (EXTRA_HINT, BLOCK_NAMES, LlamaCppBackend, LlamaCppWarning, canonical,
+                                       is_known_name, stage_of)
+from backends.registry import list_backends
+from tracer.stages import BLOCK_STAGES, canonical_stages
+
+HAVE_LLAMA_CPP = LlamaCppBackend.availability()[0]
+needs_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed ([llamacpp] extra)")
+
+
+def _without_llama_cpp(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+
+
+def test_backends_lists_llamacpp_with_why_not(run_cli, monkeypatch):
+    _without_llama_cpp(monkeypatch)
+    code, out, _ = run_cli("backends")
+    assert code == 0
+    row = next(line for line in out.splitlines() if "llamacpp" in line)
+    assert "no (pip install" in row
+    info = {i.name: i for i in list_backends()}["llamacpp"]
+    assert not info.available and info.why == EXTRA_HINT
+
+
+@needs_llama_cpp
+def test_backends_says_llamacpp_runs_here():
+    info = {i.name: i for i in list_backends()}["llamacpp"]
+    assert info.available, info.why
+
+
+def test_replay_without_llama_cpp_is_one_line(run_cli, monkeypatch, tiny_golden, tmp_path):
+    _without_llama_cpp(monkeypatch)
+    out = tmp_path / "t.h5"
+    code, _, err = run_cli("replay", tiny_golden, "--backend", "llamacpp", "-o", out)
+    assert code == 2 and "gpt2-tracer[llamacpp]" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_every_block_stage_but_attn_out_has_a_llamacpp_name():
+    mapped = {stage_of(f"{name}-3") for name in BLOCK_NAMES}
+    assert mapped == {f"blocks.3.{s}" for s in BLOCK_STAGES if s != "attn.out"}  # attn.out: found by its operands
+    assert stage_of("kq-12") == "blocks.12.attn.scores" and stage_of("kq") is None
+    assert is_known_name("norm_w-0") and is_known_name("Qcur-0 (view)") and not is_known_name("attn_rot-0")
+
+
+def test_ggml_layouts_become_canonical():
+    rng = np.random.default_rng(0)
+    H, T, D, n_kv = 4, 5, 3, 8
+    q = rng.standard_normal((H, T, D)).astype(np.float32)
+    ggml_q = q.transpose(1, 0, 2)[None]  # ne [D, H, T, 1] seen from NumPy: [1, T, H, D]
+    assert np.array_equal(canonical("blocks.0.attn.q", ggml_q, T, H, np.float32(1)), q)
+    kq = rng.standard_normal((1, H, T, n_kv)).astype(np.float32)  # ne [n_kv, T, H, 1]
+    scale = np.float32(0.5)
+    scores = canonical("blocks.0.attn.scores", kq, T, H, scale)
+    assert scores.shape == (H, T, T) and np.array_equal(scores, kq[0, :, :, :T] * scale)
+    probs = canonical("blocks.1.attn.probs", kq, T, H, scale)
+    assert np.array_equal(probs, kq[0, :, :, :T])  # the softmax output is not rescaled
+    logits = rng.standard_normal((1, 1, T, 7)).astype(np.float32)  # ne [V, T]
+    assert np.array_equal(canonical("logits", logits, T, H, scale), logits[0, 0])
+
+
+# -- with llama-cpp-python --------------------------------------------------------------------
+@needs_llama_cpp
+def test_tiny_golden_passes_through_llamacpp(run_cli, tiny_golden, tmp_path):
+    trace = tmp_path / "llamacpp.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LlamaCppWarning)  # every stage provided, every tensor known
+        code, _, err = run_cli("replay", tiny_golden, "--backend", "llamacpp", "-o", trace, "-q")
+    assert code == 0, err
+    code, out, err = run_cli("compare", tiny_golden, trace)
+    assert code == 0, out + err
+
+
+@needs_llama_cpp
+def test_llamacpp_names_are_all_mapped(tiny_golden):
+    from tracer.store import Golden
+
+    backend = LlamaCppBackend()
+    with Golden.open(tiny_golden) as golden:
+        backend.prepare(golden.weights(), golden.model_config)
+        case = golden.case("batch")
+        seen: dict[str, tuple[int, ...]] = {}
+
+        def tap(stage: str, value: np.ndarray) -> np.ndarray:
+            seen[stage] = value.shape
+            return value
+
+        logits = backend.forward(case.input_ids, tap, case.attention_mask)
+        expected = {s: tuple(case.dataset(s).shape) for s in case.stages()}
+    assert list(seen) == canonical_stages(backend.n_layer)  # every stage, in execution order
+    assert seen == {s: expected[s] for s in seen}
+    assert logits.shape == expected["logits"]
+    unknown = sorted(n for n in backend.emitted if not is_known_name(n))
+    assert not unknown, f"llama.cpp tensors with no mapping: {unknown}"
+    problems: list[str] = []
+    backend.warn_unmapped(set(seen), problems.append)
+    assert not problems
+
+
+@needs_llama_cpp
+def test_llamacpp_refuses_isolated_mode(run_cli, tiny_golden, tmp_path):
+    out = tmp_path / "t.h5"
+    code, _, err = run_cli("replay", tiny_golden, "--backend", "llamacpp", "--mode", "isolated", "-o", out)
+    assert code == 2 and "--mode chained" in err and not out.exists()
+
+
+def test_max_is_listed_and_refused_with_the_reason(run_cli, tiny_golden, tmp_path):
+    info = {i.name: i for i in list_backends()}["max"]
+    assert not info.available and "not implemented" in info.why
+    code, _, err = run_cli("replay", tiny_golden, "--backend", "max", "-o", tmp_path / "t.h5")
+    assert code == 2 and "not implemented" in err
