@@ -44,7 +44,7 @@ EXTRA_HINT = "pip install 'gpt2-tracer[llamacpp]'"
 MIN_VERSION = (0, 3, 36)
 
 # llama.cpp's tensor name (block ones carry a "-{i}" suffix) -> canonical stage
-GLOBAL_NAMES = {"inp_embd": "embed.tok", "pos_embd": "embed.pos", "inpL": "embed.sum",
+GLOBAL_NAMES = {"embd": "embed.tok", "pos_embd": "embed.pos", "inpL": "embed.sum",
                 "result_norm": "final.ln", "result_output": "logits"}
 BLOCK_NAMES = {"attn_norm": "ln1", "wqkv_b": "attn.qkv", "Qcur": "attn.q", "Kcur": "attn.k", "Vcur": "attn.v",
                "kq": "attn.scores", "kq_soft_max": "attn.probs", "kqv_out": "attn.ctx", "ffn_inp": "resid_mid",
@@ -52,9 +52,10 @@ BLOCK_NAMES = {"attn_norm": "ln1", "wqkv_b": "attn.qkv", "Qcur": "attn.q", "Kcur
                "l_out": "resid_post"}
 # Names llama.cpp gives to intermediates that are no stage (before a bias or a LayerNorm's affine,
 # the attention product before merging heads, inputs): known, deliberately not mapped.
-INTERMEDIATE_NAMES = frozenset({"norm", "norm_w", "wqkv", "ffn_up", "ffn_down", "kqv", "inp_tokens", "inp_pos",
-                                "inp_out_ids", "out_ids", "self_kq_mask", "leaf", "node"})
+INTERMEDIATE_NAMES = frozenset({"norm", "norm_w", "wqkv", "ffn_up", "ffn_down", "kqv", "inp_embd", "inp_tokens",
+                                "inp_pos", "out_ids"})
 BLOCK_NAME = re.compile(r"(?P<base>.+)-(?P<i>\d+)$")
+UNNAMED = re.compile(r"(node_\d+)?$")  # ggml names a node nobody named "node_<index>"
 GGML_F32, GGML_F16 = 0, 1
 GGML_MAX_DIMS, GGML_MAX_SRC = 4, 10
 GGML_LOG_LEVEL_ERROR = 4
@@ -105,8 +106,8 @@ def stage_of(name: str) -> str | None:
 
 
 def _attn_out_stage(t: GgmlTensor) -> str | None:
-    """attn.out of block i: the unnamed node whose first operand is a product with `kqv_out-i`."""
-    if _name(t) or not t.src[0]:
+    """attn.out of block i: the unnamed node adding the bias to the product with `kqv_out-i`."""
+    if not UNNAMED.fullmatch(_name(t)) or not t.src[0]:
         return None
     product = t.src[0].contents
     if not product.src[1]:
@@ -116,11 +117,11 @@ def _attn_out_stage(t: GgmlTensor) -> str | None:
 
 
 def is_known_name(name: str) -> bool:
-    """Mapped, a known intermediate, or a name ggml derives for views and copies ("x (view)")."""
+    """Mapped, a known intermediate, unnamed ("node_28": attn.out, or the last block's row selection
+    of all rows), or a name ggml derives for views and copies ("x (view)", "cache_k_l0 (view)")."""
     m = BLOCK_NAME.fullmatch(name)
     base = m["base"] if m else name
-    return (stage_of(name) is not None or base in INTERMEDIATE_NAMES or "(" in name
-            or base.startswith(("cache_k", "cache_v")))
+    return stage_of(name) is not None or base in INTERMEDIATE_NAMES or "(" in name or bool(UNNAMED.fullmatch(name))
 
 
 def read_tensor(t: GgmlTensor) -> np.ndarray:
