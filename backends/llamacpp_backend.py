@@ -40,6 +40,7 @@ from backends.protocol import Backend, Tap
 from tracer.errors import TracerError
 from tracer.stages import canonical_stages
 
+WEIGHT_TYPE = {"fp32": "f32", "fp16": "f16", "q8_0": "q8_0"}
 EXTRA_HINT = "pip install 'gpt2-tracer[llamacpp]'"
 MIN_VERSION = (0, 3, 36)
 
@@ -178,7 +179,7 @@ def canonical(stage: str, a: np.ndarray, T: int, n_head: int, scale: np.float32)
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    precisions = ("fp32",)
+    precisions = ("fp32", "fp16", "q8_0")  # the GGUF's weight type (f32, f16, q8_0); activations stay f32
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -224,7 +225,7 @@ class LlamaCppBackend(Backend):
         tmp = Path(tempfile.mkdtemp(prefix="tracer-llamacpp-"))
         try:
             path = tmp / "model.gguf"
-            write_gguf(path, weights, config, "", "")
+            write_gguf(path, weights, config, "", "", WEIGHT_TYPE[self.precision])
             params = self._lib.llama_model_default_params()
             params.n_gpu_layers = 0
             params.use_mmap = False  # read whole: the temporary file can go at once

@@ -151,3 +151,34 @@ def test_max_is_listed_and_refused_with_the_reason(run_cli, tiny_golden, tmp_pat
     assert not info.available and "not implemented" in info.why
     code, _, err = run_cli("replay", tiny_golden, "--backend", "max", "-o", tmp_path / "t.h5")
     assert code == 2 and "not implemented" in err
+
+
+def test_gguf_weight_types(tiny_golden, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from tracer.export_gguf import write_gguf
+    from tracer.store import Golden
+
+    with Golden.open(tiny_golden) as golden:
+        weights, config = golden.weights(), golden.model_config
+    for weight_type, matrix_type in (("f32", "F32"), ("f16", "F16"), ("q8_0", "Q8_0")):
+        path = tmp_path / f"{weight_type}.gguf"
+        write_gguf(path, weights, config, "", "", weight_type)
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+        assert types["blk.0.attn_qkv.weight"] == types["token_embd.weight"] == matrix_type
+        assert types["blk.0.attn_qkv.bias"] == types["blk.0.attn_norm.weight"] == "F32"
+
+
+@needs_llama_cpp
+def test_llamacpp_f16_weights_pass_against_their_own_weights(run_cli, tiny_golden, tmp_path):
+    """F16 weights (activations f32, rounded to f16 inside ggml's f16 matmul): the trace is fp16, and
+    judged against the GGUF's own weights it passes."""
+    from tracer.export_gguf import write_gguf
+    from tracer.store import Golden
+
+    ckpt, trace = tmp_path / "f16.gguf", tmp_path / "f16.h5"
+    with Golden.open(tiny_golden) as golden:
+        write_gguf(ckpt, golden.weights(), golden.model_config, "", "", "f16")
+    code, _, err = run_cli("replay", tiny_golden, "--backend", "llamacpp", "--precision", "fp16", "-o", trace, "-q")
+    assert code == 0, err
+    code, out, err = run_cli("compare", tiny_golden, trace, "--weights", ckpt)
+    assert code == 0, out + err
