@@ -172,12 +172,9 @@ def test_gguf_weight_types(tiny_golden, tmp_path):
 def test_llamacpp_f16_weights_pass_against_their_own_weights(run_cli, tiny_golden, tmp_path):
     """F16 weights (activations f32, rounded to f16 inside ggml's f16 matmul): the trace is fp16, and
     judged against the GGUF's own weights it passes."""
-    from tracer.export_gguf import write_gguf
-    from tracer.store import Golden
-
-    ckpt, trace = tmp_path / "f16.gguf", tmp_path / "f16.h5"
-    with Golden.open(tiny_golden) as golden:
-        write_gguf(ckpt, golden.weights(), golden.model_config, "", "", "f16")
+    ckpt, trace = tmp_path / "f16" / "model.gguf", tmp_path / "f16.h5"
+    code, _, err = run_cli("export", tiny_golden, "--format", "gguf", "--gguf-type", "f16", "-o", ckpt.parent, "-q")
+    assert code == 0, err
     code, _, err = run_cli("replay", tiny_golden, "--backend", "llamacpp", "--precision", "fp16", "-o", trace, "-q")
     assert code == 0, err
     code, out, err = run_cli("compare", tiny_golden, trace, "--weights", ckpt)
