@@ -177,6 +177,23 @@ def canonical(stage: str, a: np.ndarray, T: int, n_head: int, scale: np.float32)
     return a.reshape(T, -1)  # ne [C, T] -> [T, C]
 
 
+LOG_ERRORS: list[str] = []  # llama.cpp's last error lines, for the one-line message of a failure
+_LOG_CALLBACK: list[Any] = []  # the installed C callback, alive as long as the process (llama.cpp keeps it)
+
+
+def _on_log(level: int, text: bytes, _user_data: int) -> None:
+    line = text.decode("utf-8", errors="replace").strip()
+    if level == GGML_LOG_LEVEL_ERROR and line:
+        LOG_ERRORS[:] = (LOG_ERRORS + [line])[-5:]
+
+
+def _quiet_log(lib: Any) -> None:
+    """Route llama.cpp's log (pages of loading chatter on stderr) into LOG_ERRORS, once per process."""
+    if not _LOG_CALLBACK:
+        _LOG_CALLBACK.append(lib.llama_log_callback(_on_log))
+        lib.llama_log_set(_LOG_CALLBACK[0], None)
+
+
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     precisions = ("fp32", "fp16", "q8_0")  # the GGUF's weight type (f32, f16, q8_0); activations stay f32
@@ -199,20 +216,14 @@ class LlamaCppBackend(Backend):
     def __init__(self, precision: str = "fp32", inject: str | None = None):
         super().__init__(precision, inject)
         self._lib = _llama_cpp()
-        self._log: list[str] = []
-        self._log_callback = self._lib.llama_log_callback(self._on_log)
-        self._lib.llama_log_set(self._log_callback, None)  # llama.cpp's chatter goes to the error line, not stderr
+        _quiet_log(self._lib)
         self._lib.llama_backend_init()
         self._model: Any = None
         self.emitted: set[str] = set()
 
-    def _on_log(self, level: int, text: bytes, _user_data: int) -> None:
-        if level == GGML_LOG_LEVEL_ERROR:
-            self._log = (self._log + [text.decode("utf-8", errors="replace").strip()])[-5:]
-
-    def _last_error(self) -> str:
-        lines = [x for x in self._log if x]
-        return f": {lines[-1]}" if lines else ""
+    @staticmethod
+    def _last_error() -> str:
+        return f": {LOG_ERRORS[-1]}" if LOG_ERRORS else ""
 
     def prepare(self, weights: dict[str, np.ndarray], config: dict) -> None:
         from tracer.export_gguf import write_gguf

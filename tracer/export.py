@@ -46,8 +46,9 @@ LAYOUT_NOTES = {
             "inputs/<case>.tokens.bin: int32 header[256] = {20240520, 1, n, 0...}, then n uint16 ids "
             "(version 2: uint32), the [B,T] ids row-major.",
     "gguf": "model.gguf: GGUF v3, general.architecture gpt2, llama.cpp's tensor names (token_embd, position_embd, "
-            "blk.N.attn_norm/attn_qkv/attn_output/ffn_norm/ffn_up/ffn_down, output_norm, output), all float32 (with --gguf-type f16 or q8_0 the "
-            "matrices in that type, LayerNorms and biases float32); matrices stored [out, in] in NumPy order, i.e. GGUF ne = [in, out].",
+            "blk.N.attn_norm/attn_qkv/attn_output/ffn_norm/ffn_up/ffn_down, output_norm, output), all float32 "
+            "(with --gguf-type f16 or q8_0 the matrices in that type, LayerNorms and biases float32); "
+            "matrices stored [out, in] in NumPy order, i.e. GGUF ne = [in, out].",
 }
 
 
