@@ -1,7 +1,7 @@
 """llama.cpp backend: llama.cpp's own GPT-2 graph on the golden's weights, every named tensor a stage.
 
 Why: a port to llama.cpp is judged best against llama.cpp itself. The golden's weights are
-written as a GGUF file (tracer.export_gguf, float32, llama.cpp's gpt2 tensor names), loaded
+written as a GGUF file (tracer.export_gguf: float32, or f16 / q8_0 matrices with --precision), loaded
 with llama-cpp-python, and each case row is decoded in a fresh context with ggml's eval
 callback (`cb_eval`) asking for the tensors llama.cpp names while building its graph
 (`attn_norm-0`, `Qcur-0`, `kq_soft_max-0`, `l_out-0`, `result_output`, ...). Each is copied the
