@@ -1,6 +1,6 @@
 """Backend registry: turn `--backend SPEC` into a backend instance (SPEC §5).
 
-SPEC is a built-in name (`numpy`, `cupy`, `triton`), a name registered by another package
+SPEC is a built-in name (`numpy`, `cupy`, `triton`, `llamacpp`), a name registered by another package
 under the entry-point group `tracer.backends`, a `package.module:Class` path, or
 `exec:CMD` (an external program that writes the whole trace). Built-ins are registered by
 dotted path and imported only when used, so a machine without cupy or triton still lists
@@ -29,7 +29,11 @@ BUILTINS = {
     "numpy": "backends.numpy_backend:NumpyBackend",
     "cupy": "backends.cupy_backend:CupyBackend",
     "triton": "backends.triton_backend:TritonBackend",
+    "llamacpp": "backends.llamacpp_backend:LlamaCppBackend",
+    "max": "backends.max_backend:MaxBackend",
 }
+# Built-ins whose engine comes with an optional extra (pip install 'gpt2-tracer[EXTRA]').
+EXTRAS = {"llamacpp": "llamacpp"}
 ENTRY_POINT_GROUP = "tracer.backends"
 
 
@@ -138,7 +142,8 @@ def _info(name: str, origin: str, load: Callable[[], type[Backend]]) -> BackendI
 
 def list_backends() -> list[BackendInfo]:
     """Every built-in and installed backend, and whether it can run on this machine."""
-    infos = [_info(name, "built-in", lambda path=path: load_class(path)) for name, path in BUILTINS.items()]
+    infos = [_info(name, f"built-in, extra [{EXTRAS[name]}]" if name in EXTRAS else "built-in",
+                   lambda path=path: load_class(path)) for name, path in BUILTINS.items()]
     for name, ep in _entry_points().items():
         if name not in BUILTINS:
             dist = getattr(ep, "dist", None)

@@ -80,7 +80,7 @@ def test_entry_point_plugin(monkeypatch):
     assert type(resolve_backend("echo")).__name__ == "EchoNumpy"
     info = {i.name: i for i in list_backends()}["echo"]
     assert info.available and info.origin.startswith("entry point")
-    with pytest.raises(TracerError, match=r"known: numpy, cupy, triton, echo"):
+    with pytest.raises(TracerError, match=r"known: numpy, cupy, triton, llamacpp, max, echo"):
         resolve_backend("nope")
 
 

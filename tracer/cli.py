@@ -289,11 +289,12 @@ def export_cmd(
                                              "transpose weights (shipped: hub, nanogpt; or a TOML file)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
+    gguf_type: str = typer.Option("f32", "--gguf-type", help="gguf: weight matrices as f32, f16 or q8_0."),
 ) -> None:
     """Write the golden's weights and input ids in the layout a port loads (byte layouts: docs/PORTS.md)."""
     from tracer.export import export_command
 
-    export_command(golden, fmt, output, case, weight_map, force, quiet)
+    export_command(golden, fmt, output, case, weight_map, force, quiet, gguf_type)
 
 
 @app.command("include-dir")

@@ -46,7 +46,8 @@ LAYOUT_NOTES = {
             "inputs/<case>.tokens.bin: int32 header[256] = {20240520, 1, n, 0...}, then n uint16 ids "
             "(version 2: uint32), the [B,T] ids row-major.",
     "gguf": "model.gguf: GGUF v3, general.architecture gpt2, llama.cpp's tensor names (token_embd, position_embd, "
-            "blk.N.attn_norm/attn_qkv/attn_output/ffn_norm/ffn_up/ffn_down, output_norm, output), all float32; "
+            "blk.N.attn_norm/attn_qkv/attn_output/ffn_norm/ffn_up/ffn_down, output_norm, output), all float32 "
+            "(with --gguf-type f16 or q8_0 the matrices in that type, LayerNorms and biases float32); "
             "matrices stored [out, in] in NumPy order, i.e. GGUF ne = [in, out].",
 }
 
@@ -125,7 +126,8 @@ def _write_inputs(golden: Golden, cases: list[str], tmp: Path, fmt: str) -> dict
     return out
 
 
-def _write_weights(golden: Golden, fmt: str, config: dict, tmp: Path, weight_map: str | None) -> tuple[list, str]:
+def _write_weights(golden: Golden, fmt: str, config: dict, tmp: Path, weight_map: str | None,
+                   gguf_type: str = "f32") -> tuple[list, str]:
     """Write the format's weight file(s); (tensor entries for the manifest, a note or "")."""
     weights = golden.weights()
     if fmt in ("npy-dir", "safetensors"):
@@ -155,14 +157,16 @@ def _write_weights(golden: Golden, fmt: str, config: dict, tmp: Path, weight_map
     from tracer.export_gguf import write_gguf
 
     return write_gguf(tmp / WEIGHT_FILES[fmt], weights, config, str(golden.attrs.get("tokenizer", "")),
-                      str(golden.attrs.get("model_source", "")))
+                      str(golden.attrs.get("model_source", "")), gguf_type)
 
 
 def export_golden(golden_path: str | os.PathLike, fmt: str, out: str | os.PathLike, *, case: str | None = None,
-                  weight_map: str | None = None, force: bool = False) -> ExportSummary:
+                  weight_map: str | None = None, force: bool = False, gguf_type: str = "f32") -> ExportSummary:
     """Write the export directory `out` for `golden_path` in format `fmt`."""
     if fmt not in FORMATS:
         raise TracerError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if gguf_type != "f32" and fmt != "gguf":
+        raise TracerError(f"--gguf-type applies to --format gguf, not {fmt}")
     out = Path(out)
     check_output_dir(out, force)  # fail before reading the golden
     with Golden.open(golden_path) as golden:
@@ -172,7 +176,7 @@ def export_golden(golden_path: str | os.PathLike, fmt: str, out: str | os.PathLi
         cases = [golden.case(case).name] if case is not None else golden.case_names()
         with atomic_dir(out, force) as tmp:
             inputs = _write_inputs(golden, cases, tmp, fmt)
-            tensors, note = _write_weights(golden, fmt, config, tmp, weight_map)
+            tensors, note = _write_weights(golden, fmt, config, tmp, weight_map, gguf_type)
             manifest = {"schema_version": 1, "format": fmt, "golden": str(golden_path),
                         "golden_id": golden.golden_id, "model_source": golden.attrs.get("model_source", ""),
                         "config": config, "weights_file": WEIGHT_FILES[fmt], "layout": LAYOUT_NOTES[fmt],
@@ -196,10 +200,10 @@ def _readme(fmt: str, golden_path: str | os.PathLike, config: dict, cases: list[
 
 
 def export_command(golden: Path, fmt: str, out: Path, case: str | None, weight_map: str | None, force: bool,
-                   quiet: bool) -> None:
+                   quiet: bool, gguf_type: str = "f32") -> None:
     from rich.console import Console
 
-    summary = export_golden(golden, fmt, out, case=case, weight_map=weight_map, force=force)
+    summary = export_golden(golden, fmt, out, case=case, weight_map=weight_map, force=force, gguf_type=gguf_type)
     if not quiet:
         Console().print(f"exported {summary.tensors} tensors and the ids of {len(summary.cases)} case(s) "
                         f"({', '.join(summary.cases)}) as {fmt} -> {summary.out}", markup=False, highlight=False,

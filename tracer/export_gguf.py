@@ -21,6 +21,8 @@ BLOCK_TENSORS = {
     "ln_1": ("ATTN_NORM", False), "attn.c_attn": ("ATTN_QKV", True), "attn.c_proj": ("ATTN_OUT", True),
     "ln_2": ("FFN_NORM", False), "mlp.c_fc": ("FFN_UP", True), "mlp.c_proj": ("FFN_DOWN", True),
 }
+WEIGHT_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}  # -> gguf.LlamaFileType
+PLACEHOLDER_MERGE = "\u0120 \u0120"  # "Ġ Ġ": two spaces in GPT-2's byte alphabet
 GLOBAL_TENSORS = {
     "transformer.wte.weight": "TOKEN_EMBD", "transformer.wpe.weight": "POS_EMBD",
     "transformer.ln_f.weight": "OUTPUT_NORM", "transformer.ln_f.bias": "OUTPUT_NORM", "lm_head.weight": "OUTPUT",
@@ -82,9 +84,13 @@ def vocabulary(tokenizer: str, model_source: str, vocab_size: int) -> tuple[list
 
 
 def write_gguf(path: Path, weights: dict[str, np.ndarray], config: dict, tokenizer: str,
-               model_source: str) -> tuple[list[dict], str]:
-    """Write `path`; returns (tensor entries for the manifest, tokenizer note)."""
+               model_source: str, weight_type: str = "f32") -> tuple[list[dict], str]:
+    """Write `path`; returns (tensor entries for the manifest, tokenizer note). `weight_type` f16 or
+    q8_0 stores the 2-D weights so (as llama.cpp's converter does); LayerNorms and biases stay f32."""
     gguf = _gguf()
+    if weight_type not in WEIGHT_TYPES:
+        raise TracerError(f"GGUF weight type {weight_type!r} is not one of {', '.join(WEIGHT_TYPES)}")
+    qtype = getattr(gguf.GGMLQuantizationType, weight_type.upper())
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
     C = int(config["n_embd"])
     writer.add_name("gpt2-tracer export")
@@ -94,14 +100,15 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], config: dict, tokeniz
     writer.add_block_count(int(config["n_layer"]))
     writer.add_head_count(int(config["n_head"]))
     writer.add_layer_norm_eps(float(config["layer_norm_epsilon"]))
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(getattr(gguf.LlamaFileType, WEIGHT_TYPES[weight_type]))
     tokens, merges, note = vocabulary(tokenizer, model_source, int(config["vocab_size"]))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
-    if merges:
-        writer.add_token_merges(merges)
+    # llama.cpp refuses a gpt2 vocabulary without merges; one merge whose result is no token changes
+    # nothing (its tokenizer falls back to single tokens), and ports are fed ids anyway.
+    writer.add_token_merges(merges or [PLACEHOLDER_MERGE])
     for key in ("bos_token_id", "eos_token_id"):
         if config.get(key) is not None:
             getattr(writer, f"add_{key}")(int(config[key]))
@@ -109,7 +116,9 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], config: dict, tokeniz
     for hf_name in sorted(weights):
         name, transpose = gguf_name(hf_name)
         data = np.ascontiguousarray(weights[hf_name].T if transpose else weights[hf_name], dtype=np.float32)
-        writer.add_tensor(name, data)
+        stored = qtype if data.ndim == 2 and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 \
+            else gguf.GGMLQuantizationType.F32
+        writer.add_tensor(name, gguf.quants.quantize(data, stored), raw_dtype=stored)
         entries.append({"name": name, "from": hf_name, "shape": list(data.shape), "transposed": transpose})
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
