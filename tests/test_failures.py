@@ -251,7 +251,8 @@ def test_hdf5_enospc_reads_as_words(run_cli, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError(raw)
 
-    monkeypatch.setattr(h5py.Group, "create_dataset", fail)
+    monkeypatch.setattr(h5py.Group, "create_dataset", fail)  # chunked and small datasets
+    monkeypatch.setattr(h5py.h5d, "create", fail)  # contiguous stages, created through HDF5's own call
     with untouched(tmp_path):
         line = one_line(run_cli("record", "-p", "hi", "-o", tmp_path / "g.h5"))
     assert line.endswith("g.h5: disk full")
