@@ -34,12 +34,17 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
         raise TracerError(f"output path {out} is a directory")
     if out.exists() and not force:
         raise TracerError(f"{out} already exists (use --force to overwrite)")
+    check_parent_writable(out)
+    return out
+
+
+def check_parent_writable(out: Path) -> None:
+    """The directory `out` goes into exists and can be written: checked before any long work."""
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise TracerError(f"cannot write {out}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise TracerError(f"cannot write {out}: directory {parent} is not writable")
-    return out
 
 
 def lock_path(out: Path) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tracer.atomic import check_parent_writable
 from tracer.errors import TracerError
 from tracer.store import Golden
 
@@ -76,11 +77,7 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise TracerError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise TracerError(f"{out} already exists and is not empty (use --force to replace it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise TracerError(f"cannot write {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise TracerError(f"cannot write {out}: directory {parent} is not writable")
+    check_parent_writable(out)
 
 
 @contextmanager
