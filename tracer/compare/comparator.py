@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tracer.compare.derive import CandidateStages
-from tracer.compare.diagnose import StageEvidence, diagnose
+from tracer.compare.diagnose import StageEvidence, diagnose, scores_distance
 from tracer.compare.localize import (
     coverage_of,
     describe_where,
@@ -352,8 +352,6 @@ class _CaseComparison:
                 mask_rows = (np.broadcast_to(rows, cand.shape) & (is_masked(cand) != is_masked(reference))).any(-1)
                 if mask_rows.any():
                     res.local_error, local_rows = float("inf"), np.where(mask_rows, np.inf, local_rows)
-                from tracer.compare.diagnose import scores_distance
-
                 res.local_noise = scores_distance(noisy, reference, rows)
             else:
                 res.local_noise = row_error(noisy, reference, valid_local)[0]
