@@ -37,7 +37,7 @@ def test_recording_becomes_a_golden(run_cli, recording, tmp_path):
     assert code == 0, err
     assert "as a golden" in stdout
     with Golden.open(out) as new, Golden.open(GOLDEN) as ref:
-        assert new.attrs["weights_sha256"] == ref.attrs["weights_sha256"]
+        assert new.attrs["weights_xxh3"] == ref.attrs["weights_xxh3"]  # the same weights, content-hashed
         for key in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions", "layer_norm_epsilon"):
             assert new.model_config[key] == ref.model_config[key]
         a, b = new.case("case0"), ref.case("case0")

@@ -22,7 +22,6 @@ with that golden's case, like any foreign dump.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -158,15 +157,6 @@ def load_weights(path: Path, n_layer: int) -> dict[str, np.ndarray]:
     return weights
 
 
-def _sha256(weights: dict[str, np.ndarray]) -> str:
-    """Same digest as a recorded golden's weights_sha256 (sorted names, then each array's bytes)."""
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(weights[name]).tobytes())
-    return h.hexdigest()
-
-
 def derive_missing(arrays: dict[str, np.ndarray], cfg: dict, ids: np.ndarray) -> dict[str, tuple[str, ...]]:
     """Add the weightless stages the recording lacks but its stages determine (HF's GPT-2 has no module
     whose output is q, k, v or the masked scores): evaluated in float64 by the comparator's own reference,
@@ -211,7 +201,7 @@ def write_golden(rec: Recording, out: Path, *, weights_path: Path | None, case: 
         derived = derive_missing(arrays, cfg, ids)
         stages = sorted(arrays, key=order.__getitem__)
         attrs = {"producer": PRODUCER, "model_source": f"pycandle:{rec.manifest.name}", "model_config": cfg,
-                 "weights_sha256": _sha256(weights) if weights else "", "versions": versions(), "device": "",
+                 "versions": versions(), "device": "",
                  "dtype": dtype_name([a.dtype for a in arrays.values()]),
                  "attn_implementation": "eager" if any(s.endswith("attn.probs") for s in stages) else "",
                  "tf32": "", "seed": 0, "tokenizer": ""}
