@@ -62,15 +62,18 @@ def check_pairing(golden: StageFile, trace: StageFile) -> None:
 
 def candidate_precision(trace: StageFile, declared: str) -> tuple[str, str | None]:
     """The precision the candidate computed in. A float64 dump whose values are all exactly
-    float32 numbers is an fp32 port saved as doubles: judged as fp32, with a note."""
+    float32 numbers is an fp32 port saved as doubles: judged as fp32, with a note. The first batch
+    row of a few stages decides (hundreds of values), so the check reads no stage whole before the
+    comparison reads it again."""
     if declared != "fp64":
         return declared, None
     for case in trace.cases():
         for group in ("stages", "isolated"):
             for name in case.stages(group)[:6]:
-                a = case.dataset(name, group)[()]
-                if a.dtype != np.float64:
+                ds = case.dataset(name, group)
+                if ds.dtype != np.float64:
                     continue
+                a = ds[0] if ds.ndim else ds[()]
                 finite = a[np.isfinite(a)]
                 if finite.size and not np.array_equal(finite.astype(np.float32).astype(np.float64), finite):
                     return "fp64", None
