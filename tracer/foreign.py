@@ -28,7 +28,7 @@ import numpy as np
 from tracer.atomic import check_output_path
 from tracer.dumpnotes import dump_notes
 from tracer.errors import TracerError, io_error
-from tracer.record import trace_attrs
+from tracer.provenance import trace_attrs
 from tracer.stages import (
     BLOCK_STAGES,
     EMBED_STAGES,

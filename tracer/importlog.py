@@ -33,7 +33,7 @@ from tracer.foreign import (
     pick_case,
     resolve_map_path,
 )
-from tracer.record import trace_attrs
+from tracer.provenance import trace_attrs
 from tracer.stages import (
     EMBED_STAGES,
     FINAL_STAGES,

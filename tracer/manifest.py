@@ -40,7 +40,7 @@ from tracer.foreign import (
     import_foreign,
     load_name_map,
 )
-from tracer.record import PRODUCER, versions
+from tracer.provenance import PRODUCER, versions
 from tracer.stages import canonical_stages, hf_aliases, stage_order
 from tracer.store import Golden, StageWriter
 

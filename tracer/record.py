@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
-import platform
 from collections.abc import Iterable
 from functools import partial
 
@@ -14,35 +12,11 @@ import torch
 from tracer.errors import TracerError
 from tracer.models import LoadedModel, weights_of
 from tracer.progress import step, track
+from tracer.provenance import PRODUCER, versions
 from tracer.recorder import CaseInput, Recorder
 from tracer.stages import StageSelector, canonical_stages, stage_order
-from tracer.store import DatasetOptions, StageFile, StageWriter, content_hash, natural_storage, weights_digest
+from tracer.store import DatasetOptions, StageWriter, content_hash, natural_storage, weights_digest
 from tracer.writeback import DEFAULT_BUDGET, HostWeights, WriteBehind, host_array
-
-PRODUCER = "gpt2-tracer"
-
-
-def versions() -> dict[str, str]:
-    """Versions of everything that can change the numbers, stored in every file."""
-    out = {"python": platform.python_version()}
-    for pkg in ("gpt2-tracer", "torch", "transformers", "numpy", "h5py"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
-
-
-TRACE_COPIED_ATTRS = ("model_source", "tokenizer")
-
-
-def trace_attrs(golden: StageFile, backend: str, mode: str, dtype: str, inject: str = "") -> dict:
-    """Root attributes of a trace: the golden's identity, and which backend made it and how."""
-    attrs = {key: golden.attrs[key] for key in TRACE_COPIED_ATTRS if key in golden.attrs}
-    attrs.update({"producer": PRODUCER, "versions": versions(), "model_config": golden.model_config,
-                  "golden_id": golden.golden_id, "backend": backend, "mode": mode, "dtype": dtype,
-                  "inject": inject})
-    return attrs
 
 
 def build_cases(loaded: LoadedModel, prompts: list[str], ids: list[list[int]], batch: bool) -> list[CaseInput]:

@@ -31,7 +31,7 @@ from backends.registry import backend_class, resolve_backend
 from tracer.atomic import Reservation, check_output_path
 from tracer.errors import TracerError, io_error
 from tracer.progress import session, step, track
-from tracer.record import trace_attrs
+from tracer.provenance import trace_attrs
 from tracer.stages import stage_order
 from tracer.store import CaseView, Golden, StageWriter
 
@@ -77,7 +77,7 @@ class StageTap:
 
 def expected_logits_shape(case: CaseView) -> tuple[int, ...]:
     if case.has("logits"):
-        return tuple(case.dataset("logits").shape)
+        return case.full_shape("logits")
     return (*case.input_ids.shape, int(case.file.model_config["vocab_size"]))
 
 
@@ -121,6 +121,11 @@ def replay(golden_path: str | Path, backend: Backend | ExecBackend, out_path: st
     """Replay every case of `golden_path` through `backend` (an instance) into the trace `out_path`."""
     if mode not in MODES:
         raise TracerError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if mode != "chained":
+        with Golden.open(golden_path) as golden:
+            if golden.attrs.get("tokens"):
+                raise TracerError(f"{golden_path} kept only tokens {golden.attrs['tokens']} (--tokens): teacher-forced "
+                                  "replay feeds every row of the golden back, so only --mode chained works with it")
     if isinstance(backend, ExecBackend):
         backend.produce(golden_path, out_path, mode=mode, force=force)
         return
