@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tracer.compare.metrics import rms
 from tracer.compare.result import First8, StageResult
 from tracer.stages import layout_of, split_stage, stage_inputs
 
@@ -165,8 +166,9 @@ def _widths(C: int) -> list[int]:
 
 
 def first8_tables(stage: str, g: np.ndarray, c: np.ndarray, valid: np.ndarray, per_row: np.ndarray,
-                  tolerance: float, token: int | None) -> list[First8]:
-    """First 8 values at token 0, the worst token, and `token` if asked (query rows for attention)."""
+                  tolerance: float, token: int | None, first: int = 0) -> list[First8]:
+    """First 8 values at token `first` (0, or the first one a --tokens golden kept), the worst token,
+    and `token` if asked (query rows for attention)."""
     layout = layout_of(stage)
     finite_rows = np.where(np.isfinite(per_row), per_row, np.finfo(np.float64).max)
     worst = np.unravel_index(int(np.argmax(finite_rows)), per_row.shape)
@@ -175,11 +177,11 @@ def first8_tables(stage: str, g: np.ndarray, c: np.ndarray, valid: np.ndarray, p
     else:
         wb, wh, wt = int(worst[0]), int(worst[1]), int(worst[2])
     T = g.shape[2] if layout != "BTC" else g.shape[1]
-    picks = [(0, 0 if wh is not None else None, 0), (wb, wh, wt)]
+    picks = [(0, 0 if wh is not None else None, first), (wb, wh, wt)]
     if token is not None and 0 <= token < T:
         picks.append((0, 0 if wh is not None else None, token))
     tables, seen = [], set()
-    rms = float(np.sqrt(np.mean(np.square(g[valid].astype(np.float64))))) if valid.any() else 0.0
+    scale_rms = rms(g, valid)
     for b, h, t in picks:
         if (b, h, t) in seen:
             continue
@@ -192,7 +194,7 @@ def first8_tables(stage: str, g: np.ndarray, c: np.ndarray, valid: np.ndarray, p
             d = cs - gs
             both_masked = np.isneginf(gs) & np.isneginf(cs)
             d = np.where(both_masked, 0.0, d)
-            scale = np.where(np.isfinite(gs), np.maximum(np.abs(gs), rms), rms)
+            scale = np.where(np.isfinite(gs), np.maximum(np.abs(gs), scale_rms), scale_rms)
             out = ~(np.abs(d) <= tolerance * scale)
         tables.append(First8(token=t, batch=b, head=h, golden=gs.tolist(), candidate=cs.tolist(),
                              diff=d.tolist(), out_of_tolerance=(out & ~both_masked).tolist()))

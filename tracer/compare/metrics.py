@@ -38,30 +38,96 @@ def is_masked(x: np.ndarray) -> np.ndarray:
     return np.isneginf(x) | (x <= MASK_FILL_BELOW)
 
 
+ROW_BLOCK = 1 << 20  # elements per block: every temporary of a metric is at most this big (4 MB in float32)
+
+
+def _work_dtype(*arrays: np.ndarray) -> np.dtype:
+    """float32 when every operand is at most float32, else float64. The difference of two close
+    float32 numbers is exact in float32 (Sterbenz), and every sum below accumulates in float64,
+    so float32 work loses nothing the verdicts read while moving half the bytes."""
+    return np.result_type(*arrays, np.float32)
+
+
+def _sum_sq(x: np.ndarray, y: np.ndarray | None = None, rows: bool = False):
+    """Σ x·y (per row with `rows`), accumulated in float64 without a float64 copy of the operands."""
+    y = x if y is None else y
+    return np.einsum("...i,...i->..." if rows else "i,i", x, y, dtype=np.float64)
+
+
+def as_rows(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`array` broadcast to `shape` and viewed as [rows, last axis] (a copy only where it was broadcast)."""
+    return np.broadcast_to(np.asarray(array), shape).reshape(-1, shape[-1] if shape else 1)
+
+
+def row_blocks(n_rows: int, row_len: int):
+    """Slices of consecutive rows, each at most ROW_BLOCK elements (one row at least)."""
+    step = max(1, ROW_BLOCK // max(row_len, 1))
+    return [slice(a, a + step) for a in range(0, n_rows, step)]
+
+
+class RowSums:
+    """Per-row sums of squares of (candidate − reference) and of the reference, accumulated over
+    consecutive blocks of rows ([rows, last axis] each); `error` turns them into `row_error`'s
+    result. Lets a stage's check run block by block without ever holding the whole difference."""
+
+    def __init__(self) -> None:
+        self.diff_sq: list[np.ndarray] = []
+        self.ref_sq: list[np.ndarray] = []
+        self.rows: list[np.ndarray] = []
+
+    def add(self, candidate: np.ndarray, reference: np.ndarray, valid: np.ndarray, same_rows: bool = False) -> None:
+        """The next block of rows; with `same_rows`, more columns of the block added last."""
+        with np.errstate(invalid="ignore"):
+            d = np.subtract(candidate, reference, dtype=_work_dtype(candidate, reference))
+        if not valid.all():  # padding, masked scores: only the compared elements count
+            np.copyto(d, 0.0, where=~valid)
+            reference = np.where(valid, reference, 0.0)
+        diff_sq, ref_sq, rows = _sum_sq(d, rows=True), _sum_sq(reference, rows=True), valid.any(-1)
+        if same_rows:
+            self.diff_sq[-1] += diff_sq
+            self.ref_sq[-1] += ref_sq
+            self.rows[-1] |= rows
+        else:
+            self.diff_sq.append(diff_sq)
+            self.ref_sq.append(ref_sq)
+            self.rows.append(rows)
+
+    def error(self, shape: tuple[int, ...]) -> tuple[float, np.ndarray]:
+        """(worst row error, per-row errors reshaped to `shape`)."""
+        row_sq, ref_sq, rows = (np.concatenate(x) for x in (self.diff_sq, self.ref_sq, self.rows))
+        n_rows = max(int(rows.sum()), 1)
+        scale = np.sqrt(ref_sq.sum() / n_rows)
+        if not np.isfinite(row_sq).all():
+            per_row = np.where(np.isfinite(row_sq), np.sqrt(row_sq), np.inf) / max(scale, 1e-30)
+            return float("inf"), np.where(rows, per_row, 0.0).reshape(shape)
+        if scale == 0.0:
+            per_row = np.where(row_sq > 0, np.inf, 0.0)
+        else:
+            per_row = np.sqrt(row_sq) / scale
+        per_row = np.where(rows, per_row, 0.0)
+        return float(per_row.max(initial=0.0)), per_row.reshape(shape)
+
+
+def rms(values: np.ndarray, valid: np.ndarray) -> float:
+    """Root mean square of the valid elements, a block of rows at a time."""
+    x, v = as_rows(values, np.shape(values)), as_rows(valid, np.shape(values))
+    total, n = 0.0, 0
+    for s in row_blocks(*x.shape):
+        sel = x[s][v[s]]
+        total, n = total + float(_sum_sq(sel)) if sel.size else total, n + sel.size
+    return float(np.sqrt(total / n)) if n else 0.0
+
+
 def row_error(candidate: np.ndarray, reference: np.ndarray, valid: np.ndarray) -> tuple[float, np.ndarray]:
-    """(worst row error, per-row errors [shape[:-1]]): ||c - r||₂ per row / RMS row norm of r."""
-    valid = np.broadcast_to(valid, np.broadcast_shapes(np.shape(candidate), np.shape(reference)))
-    every = bool(valid.all())
-    with np.errstate(invalid="ignore"):
-        d = np.subtract(candidate, reference, dtype=np.float64)
-    r = np.asarray(reference, dtype=np.float64)
-    if not every:  # one pass each, only where some elements are not compared (padding, masked scores)
-        np.copyto(d, 0.0, where=~valid)
-        r = np.where(valid, r, 0.0)
-    row_sq = np.einsum("...i,...i->...", d, d)
-    ref_sq = np.einsum("...i,...i->...", r, r)
-    rows = valid.any(-1)
-    n_rows = max(int(rows.sum()), 1)
-    scale = np.sqrt(ref_sq.sum() / n_rows)
-    if not np.isfinite(row_sq).all():
-        per_row = np.where(np.isfinite(row_sq), np.sqrt(row_sq), np.inf) / max(scale, 1e-30)
-        return float("inf"), np.where(rows, per_row, 0.0)
-    if scale == 0.0:
-        per_row = np.where(row_sq > 0, np.inf, 0.0)
-    else:
-        per_row = np.sqrt(row_sq) / scale
-    per_row = np.where(rows, per_row, 0.0)
-    return float(per_row.max(initial=0.0)), per_row
+    """(worst row error, per-row errors [shape[:-1]]): ||c - r||₂ per row / RMS row norm of r.
+
+    Computed in blocks of rows, so the temporaries stay small whatever the stage's size."""
+    shape = np.broadcast_shapes(np.shape(candidate), np.shape(reference))
+    c, r, v = as_rows(candidate, shape), as_rows(reference, shape), as_rows(valid, shape)
+    sums = RowSums()
+    for s in row_blocks(*c.shape):
+        sums.add(c[s], r[s], v[s])
+    return sums.error(shape[:-1])
 
 
 @dataclass
@@ -94,49 +160,78 @@ def _finite_or_none(x: float) -> float:
 def stage_metrics(golden: np.ndarray, candidate: np.ndarray, valid: np.ndarray, tolerance: float,
                   masked_mismatch: int = 0) -> StageMetrics:
     """Metrics over valid elements. Mismatch % uses the stage's tolerance elementwise:
-    |c - g| > tolerance * max(|g|, RMS(g))."""
-    g = np.asarray(golden, dtype=np.float64)
-    c = np.asarray(candidate, dtype=np.float64)
-    valid = np.broadcast_to(valid, g.shape)
-    every = bool(valid.all())
-    sel_g, sel_c = (g.ravel(), c.ravel()) if every else (g[valid], c[valid])
-    n = sel_g.size
-    finite_c = np.isfinite(c)
-    bad = None if finite_c.all() else ~finite_c & valid & np.isfinite(g)
-    first_nonfinite = [int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape)] \
-        if bad is not None and bad.any() else None
+    |c - g| > tolerance * max(|g|, RMS(g)).
+
+    Two passes over blocks of rows (the second needs RMS(g) and max|g|), so no temporary is
+    larger than a block even for the logits of a long sequence."""
+    shape = np.shape(golden)
+    work = _work_dtype(golden, candidate)
+    g, c, v = as_rows(golden, shape), as_rows(candidate, shape), as_rows(valid, shape)
+    blocks = row_blocks(*g.shape)
+    n, sig, g_max, first_bad = 0, 0.0, 0.0, None
+    for s in blocks:
+        vb = v[s]
+        every = bool(vb.all())
+        sel_g = g[s].ravel() if every else g[s][vb]
+        n += sel_g.size
+        if sel_g.size:
+            sig += float(_sum_sq(sel_g))
+            g_max = max(g_max, float(np.max(np.abs(sel_g))))
+        if first_bad is None:
+            bad = ~np.isfinite(c[s]) & vb & np.isfinite(g[s])
+            if bad.any():
+                first_bad = s.start * g.shape[1] + int(np.argmax(bad))
+    first_nonfinite = None if first_bad is None else [int(i) for i in np.unravel_index(first_bad, shape)]
     if n == 0:
         return StageMetrics(0, 0, 0, 0, 0, 1, float("inf"), 0, 0, [], 0, 0, first_nonfinite, masked_mismatch)
+    rms_g = float(np.sqrt(sig / n))
+    floor = max(1e-6 * g_max, 1e-30)
+    max_abs = max_rel = np.float64(0.0)
+    sum_abs = noise = cc = cg = 0.0
+    mismatch, worst, worst_at = 0, -np.inf, 0
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        d = sel_c - sel_g
-        ad = np.abs(d)
-        ad_full = ad.reshape(g.shape) if every else np.where(valid, np.abs(c - g), -1.0)
-        if np.isnan(ad).any():
-            ad_full = np.where(np.isnan(ad_full), np.inf, ad_full)
-        worst = np.unravel_index(int(np.argmax(ad_full)), ad_full.shape)
-        rms_g = float(np.sqrt(np.mean(sel_g * sel_g)))
-        abs_g = np.abs(sel_g)
-        floor = max(1e-6 * float(np.max(abs_g)), 1e-30)
-        max_rel = float(np.max(ad / np.maximum(abs_g, floor)))
-        sig, noise = float(np.sum(sel_g * sel_g)), float(np.sum(d * d))
-        denom = float(np.sqrt(float(sel_c @ sel_c)) * np.sqrt(sig))
-        cosine = float(np.dot(sel_c, sel_g) / denom) if denom > 0 else (1.0 if noise == 0 else 0.0)
-        mismatch = ad > tolerance * np.maximum(abs_g, rms_g)
-        mismatch |= ~np.isfinite(ad)
+        for s in blocks:
+            vb = v[s]
+            every = bool(vb.all())
+            gb, cb = np.asarray(g[s], dtype=work), np.asarray(c[s], dtype=work)
+            sel_g, sel_c = (gb.ravel(), cb.ravel()) if every else (gb[vb], cb[vb])
+            if not sel_g.size:
+                continue
+            d = sel_c - sel_g
+            ad = np.abs(d)
+            ad_full = ad if every else np.where(vb, np.abs(cb - gb), -1.0).ravel()
+            if first_bad is not None:  # a NaN difference is the worst there is
+                ad_full = np.where(np.isnan(ad_full), np.inf, ad_full)
+            k = int(np.argmax(ad_full))
+            if ad_full[k] > worst:
+                worst, worst_at = ad_full[k], s.start * g.shape[1] + k
+            max_abs = np.maximum(max_abs, np.max(ad))
+            sum_abs += float(np.add.reduce(ad, dtype=np.float64))
+            noise += float(_sum_sq(d))
+            cc += float(_sum_sq(sel_c))
+            cg += float(_sum_sq(sel_c, sel_g))
+            abs_g = np.abs(sel_g)
+            max_rel = np.maximum(max_rel, np.max(ad / np.maximum(abs_g, floor)))
+            np.maximum(abs_g, rms_g, out=abs_g)
+            abs_g *= tolerance
+            mismatch += np.count_nonzero(~(ad <= abs_g))  # NaN and Inf differences count as mismatches
+        denom = float(np.sqrt(cc) * np.sqrt(sig))
+        cosine = float(cg / denom) if denom > 0 else (1.0 if noise == 0 else 0.0)
+        where = np.unravel_index(worst_at, shape)
         return StageMetrics(
             n_compared=int(n),
-            max_abs=_finite_or_none(np.max(ad)),
-            mean_abs=_finite_or_none(np.mean(ad)),
+            max_abs=_finite_or_none(max_abs),
+            mean_abs=_finite_or_none(sum_abs / n),
             max_rel=_finite_or_none(max_rel),
             rmse=_finite_or_none(np.sqrt(noise / n)),
             cosine=cosine if np.isfinite(cosine) else 0.0,
             sqnr_db=float(10 * np.log10(sig / noise)) if noise > 0 and np.isfinite(noise) else (
                 float("inf") if noise == 0 else float("-inf")),
             nmse=_finite_or_none(noise / sig) if sig > 0 else (0.0 if noise == 0 else float("inf")),
-            mismatch_pct=float(100.0 * mismatch.mean()),
-            worst_index=[int(i) for i in worst],
-            worst_golden=float(g[worst]),
-            worst_candidate=float(c[worst]),
+            mismatch_pct=float(100.0 * mismatch / n),
+            worst_index=[int(i) for i in where],
+            worst_golden=float(golden[where]),
+            worst_candidate=float(candidate[where]),
             first_nonfinite=first_nonfinite,
             masked_mismatch=masked_mismatch,
         )
