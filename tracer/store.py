@@ -541,6 +541,14 @@ class CaseView:
             raise TracerError(f"{self.file.path}: cannot read case {self.name!r} {group}/{stage}: the file is "
                               "corrupt or truncated") from None
 
+    def full_shape(self, stage: str, group: str = "stages") -> tuple[int, ...]:
+        """The stage's shape as the model computed it: every token, even where --tokens kept fewer."""
+        ds = self.dataset(stage, group)
+        shape = list(ds.shape)
+        if ds.attrs.get("tokens") is not None:
+            shape[layout_of(stage).index("T")] = self.input_ids.shape[1]
+        return tuple(shape)
+
     def positions(self, stage: str, group: str = "stages") -> np.ndarray | None:
         """The token positions a stage holds along its T axis when recorded with a subset (`tokens`
         option), in order; None when it holds every token."""
@@ -678,12 +686,15 @@ class StageFile:
         """All weights by HF name, checksum verified."""
         if not self.has_weights:
             raise TracerError(f"{self.path} has no weights (recorded with --no-weights); replay needs them")
-        out = {}
+        out, read = {}, {}
         for name, ds in self.h5["weights"].items():
+            if ds.id in read:  # a tied name (lm_head.weight -> wte) is one dataset: one array, read once
+                out[name] = read[ds.id]
+                continue
             data = self.read_dataset(ds, f"weight {name!r}")
             if content_hash(data) != ds.attrs.get("xxh3"):
                 raise TracerError(f"{self.path}: checksum mismatch in weight {name!r}: the file is corrupt")
-            out[name] = data
+            out[name] = read[ds.id] = data
         return out
 
 
