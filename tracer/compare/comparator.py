@@ -24,15 +24,27 @@ from tracer.compare.localize import (
     first8_tables,
     origin_of,
 )
-from tracer.compare.metrics import is_masked, row_error, stage_metrics, valid_mask
+from tracer.compare.metrics import (
+    ROW_BLOCK,
+    RowSums,
+    as_rows,
+    is_masked,
+    row_blocks,
+    row_error,
+    stage_metrics,
+    valid_mask,
+)
 from tracer.compare.oracle import OracleDrift, oracle_drift
 from tracer.compare.reference import Lookup, Reference, allowed_mask
 from tracer.compare.result import CaseResult, CompareResult, StageResult
 from tracer.compare.tolerance import UNIT_ROUNDOFF, Tolerances, precision_of, round_to
 from tracer.errors import TracerError
 from tracer.stages import StageSelector, layout_of, split_stage, stage_inputs
-from tracer.store import CaseView, StageFile
+from tracer.store import WHOLE_UNDER_SUBSET, CaseView, StageFile
 
+# Stages computed row by row (token by token) from same-shaped rows of their inputs.
+TOKEN_WISE = frozenset({"ln1", "ln2", "final.ln", "attn.qkv", "attn.out", "mlp.fc", "mlp.act", "mlp.out",
+                        "resid_mid", "resid_post", "logits"})
 META_KEYS = ("model_source", "dtype", "device", "attn_implementation", "tf32", "golden_id", "backend", "mode",
              "inject", "created", "producer", "kind", "foreign_unmatched")
 
@@ -82,7 +94,19 @@ def candidate_precision(trace: StageFile, declared: str) -> tuple[str, str | Non
 
 def compare(golden: StageFile, trace: StageFile, options: CompareOptions,
             progress: Callable | None = None) -> CompareResult:
-    """Compare every common case; `progress` wraps the stage iterator (rich bar)."""
+    """Compare every common case; `progress` wraps the stage iterator (rich bar).
+
+    BLAS runs on one thread meanwhile: the comparison's products are small to medium and come
+    between element-wise passes, where an idle OpenBLAS thread spins. On 2 cores (gpt2, T=256)
+    two threads cost 1.7x the CPU time for 3% less wall time."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _compare(golden, trace, options, progress)
+
+
+def _compare(golden: StageFile, trace: StageFile, options: CompareOptions,
+             progress: Callable | None = None) -> CompareResult:
     check_pairing(golden, trace)
     names = [c for c in golden.case_names() if trace.has_case(c)]
     if options.cases:
@@ -110,6 +134,8 @@ def compare(golden: StageFile, trace: StageFile, options: CompareOptions,
                      "chained checks)"
     if precision_note:
         tolerance += f"; {precision_note}"
+    if golden.attrs.get("tokens"):
+        tolerance += f"; the golden kept tokens {golden.attrs['tokens']} (--tokens): only those rows are compared"
     if options.weights_note:
         tolerance += f"; {options.weights_note}"
     result = CompareResult(golden=str(golden.path), trace=str(trace.path), golden_meta=_meta(golden),
@@ -131,6 +157,14 @@ class _CaseComparison:
         if trace.has_inputs and not np.array_equal(trace.input_ids, self.ids):
             raise TracerError(f"case {golden.name!r}: the trace was run on other input ids than the golden")
         self.allowed = allowed_mask(self.mask)
+        # A golden recorded with --tokens holds only these positions (k and v whole): its stages are
+        # read back at full length with NaN rows elsewhere, and only the kept rows are compared.
+        self.kept = next((p for s in golden.stages() if (p := golden.positions(s)) is not None), None)
+        self.compared = self.mask.astype(bool)
+        if self.kept is not None:
+            recorded = np.zeros(self.mask.shape[1], dtype=bool)
+            recorded[self.kept] = True
+            self.compared = self.compared & recorded
         low = precision not in ("fp32", "fp64")
         self.noise_ref = ref.jittered(UNIT_ROUNDOFF[precision], weight_precision=precision if low else None)
         self.isolated = bool(trace.stages("isolated"))
@@ -141,16 +175,30 @@ class _CaseComparison:
                                     weights is not None)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _tokens_of(self, stage: str) -> np.ndarray:
+        """The tokens whose rows are compared: real ones, and of those the kept ones under --tokens."""
+        return self.mask if split_stage(stage)[1] in WHOLE_UNDER_SUBSET else self.compared
+
     def valid_for(self, stage: str, array: np.ndarray) -> np.ndarray:
         allowed = self.allowed if split_stage(stage)[1] == "attn.scores" else None
-        return valid_mask(layout_of(stage), array.shape, self.mask, allowed)
+        return valid_mask(layout_of(stage), array.shape, self._tokens_of(stage), allowed)
 
     def rows_for(self, stage: str, array: np.ndarray) -> np.ndarray:
-        return valid_mask(layout_of(stage), array.shape, self.mask, None)
+        return valid_mask(layout_of(stage), array.shape, self._tokens_of(stage), None)
 
     def golden_value(self, name: str) -> np.ndarray:
         if name not in self.g_cache:
-            self.g_cache[name] = self.g.read(name)
+            value, kept = self.g.read(name), self.g.positions(name)
+            if kept is not None:  # back to full length, NaN at the rows not recorded (never compared)
+                axis = layout_of(name).index("T")
+                shape = list(value.shape)
+                shape[axis] = self.mask.shape[1]
+                full = np.full(shape, np.nan, dtype=value.dtype)
+                index = [slice(None)] * len(shape)
+                index[axis] = kept
+                full[tuple(index)] = value
+                value = full
+            self.g_cache[name] = value
         return self.g_cache[name]
 
     def candidate_input(self, name: str) -> np.ndarray:
@@ -176,13 +224,24 @@ class _CaseComparison:
     def run(self, progress: Callable | None) -> CaseResult:
         names = self.options.selector.select(self.g.stages())
         last_use = self._last_use(names)
-        drift = self._drift(names)
-        results = []
-        for k, stage in enumerate(progress(names) if progress else names):
-            results.append(self.compare_stage(stage, k, drift))
-            for cache in (self.g_cache, self.cand.cache):
-                for name in [n for n in cache if last_use.get(n, -1) <= k]:
-                    del cache[name]
+        position = {name: k for k, name in enumerate(names)}
+        steps = iter(progress(names) if progress else names)
+        results: list[StageResult] = []
+        drift = OracleDrift() if self.weights is not None else None
+
+        def compare_through(k: int) -> None:
+            """Compare every stage up to position k, in order, and drop what no later stage reads."""
+            while len(results) <= k:
+                stage = next(steps)
+                results.append(self.compare_stage(stage, len(results), drift))
+                for cache in (self.g_cache, self.cand.cache):
+                    for name in [n for n in cache if last_use.get(n, -1) <= len(results) - 1]:
+                        del cache[name]
+
+        if drift is not None:  # in step with the oracle's replay: each golden stage is read once. A stage is
+            # compared when the oracle reaches the next one, so the oracle's own value of it is gone by then.
+            self._drift(names, drift, lambda stage: compare_through(position[stage] - 1) if stage in position else None)
+        compare_through(len(names) - 1)
         case = CaseResult(self.g.name, results)
         failed = [s for s in results if s.failed]
         case.first_divergence = failed[0].stage if failed else None
@@ -205,9 +264,8 @@ class _CaseComparison:
                 last[n] = max(last.get(n, -1), k)
         return last
 
-    def _drift(self, names: list[str]) -> OracleDrift | None:
-        if self.weights is None:
-            return None
+    def _drift(self, names: list[str], drift: OracleDrift, measured: Callable[[str], None]) -> None:
+        """Run the oracle's replay, filling `drift`; `measured(stage)` follows each of its stages."""
         substituted = {}
         if not self.isolated:
             for stage in names:
@@ -215,7 +273,8 @@ class _CaseComparison:
                     golden_inputs = frozenset(n for n, src in self.input_sources(stage).items() if src == "golden")
                     if golden_inputs:
                         substituted[stage] = golden_inputs
-        return oracle_drift(self.g, self.weights, self.config, self.precision, self.valid_for, substituted, self.ref)
+        oracle_drift(self.g, self.weights, self.config, self.precision, self.valid_for, substituted, self.ref,
+                     golden=self.golden_value, measured=measured, into=drift)
 
     def _golden_nonfinite(self, stage: str, g: np.ndarray) -> int:
         rows = np.broadcast_to(self.rows_for(stage, g), g.shape)
@@ -292,7 +351,8 @@ class _CaseComparison:
             elif res.local_error is None:  # no introduced-error check was possible: test against the golden
                 res.diagnoses = self._diagnose_chained(stage, c, g, valid, res)
         res.tables = first8_tables(stage, g, shown if self.t.is_partial(stage) else c, valid, per_row,
-                                   res.tolerance, self.options.token)
+                                   res.tolerance, self.options.token,
+                                   first=0 if self.kept is None else int(self.kept[0]))
         return res
 
     def _scores_masking(self, stage: str, c: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, int, str | None]:
@@ -345,19 +405,25 @@ class _CaseComparison:
                 lookup = self.candidate_input
                 res.local_source = "chained inputs" + ("" if "derived" not in sources.values() else " (some derived)")
         inputs = Lookup(lookup)
+        reference = None
         with np.errstate(all="ignore"):
-            reference = self.ref.evaluate(stage, inputs, self.ids, self.mask, np.float64)
-            noisy = round_to(self.noise_ref.evaluate(stage, inputs, self.ids, self.mask, np.float32), self.precision)
-            valid_local = self.valid_for(stage, reference)
-            rows = self.rows_for(stage, reference)
-            res.local_error, local_rows = row_error(cand, reference, valid_local)
-            if split_stage(stage)[1] == "attn.scores":  # a differently masked row is infinitely wrong
-                mask_rows = (np.broadcast_to(rows, cand.shape) & (is_masked(cand) != is_masked(reference))).any(-1)
-                if mask_rows.any():
-                    res.local_error, local_rows = float("inf"), np.where(mask_rows, np.inf, local_rows)
-                res.local_noise = scores_distance(noisy, reference, rows)
+            valid_local, rows = self.valid_for(stage, cand), self.rows_for(stage, cand)
+            blockwise = self._blockwise_check(stage, cand, inputs, valid_local)
+            if blockwise is not None:
+                res.local_error, local_rows, res.local_noise = blockwise
             else:
-                res.local_noise = row_error(noisy, reference, valid_local)[0]
+                reference = self.ref.evaluate(stage, inputs, self.ids, self.mask, np.float64)
+                noisy = round_to(self.noise_ref.evaluate(stage, inputs, self.ids, self.mask, np.float32),
+                                 self.precision)
+                res.local_error, local_rows = row_error(cand, reference, valid_local)
+                if split_stage(stage)[1] == "attn.scores":  # a differently masked row is infinitely wrong
+                    mask_rows = (np.broadcast_to(rows, cand.shape) & (is_masked(cand) != is_masked(reference))).any(-1)
+                    if mask_rows.any():
+                        res.local_error, local_rows = float("inf"), np.where(mask_rows, np.inf, local_rows)
+                    res.local_noise = scores_distance(noisy, reference, rows)
+                else:
+                    res.local_noise = row_error(noisy, reference, valid_local)[0]
+                del noisy
             if res.derived:
                 res.local_noise = max(res.local_noise, self._derivation_noise(stage, g, valid_local))
         res.local_tolerance = self.options.tolerances.local_tolerance(stage, res.local_noise, self.precision,
@@ -365,9 +431,58 @@ class _CaseComparison:
         res.fails_local = not res.local_error <= res.local_tolerance
         if not res.fails_local:
             return local_rows, None
+        if reference is None:  # diagnosis needs the whole reference: evaluated again, for failing stages only
+            with np.errstate(all="ignore"):
+                reference = self.ref.evaluate(stage, inputs, self.ids, self.mask, np.float64)
         derived = frozenset(n for n, src in (res.inputs or {}).items() if src == "derived")
         return local_rows, StageEvidence(stage, cand, reference, inputs, self.ids, self.mask, valid_local, rows,
                                          res.local_error, res.local_tolerance, self.precision, derived)
+
+    def _blockwise_check(self, stage: str, cand: np.ndarray, inputs: Lookup,
+                         valid: np.ndarray) -> tuple[float, np.ndarray, float] | None:
+        """(local error, its rows, local noise) of a large token-wise stage, evaluated a block of
+        tokens at a time: the float64 reference of gpt2's logits at T=1024 alone is 400 MB. None
+        when the stage is small or not computed token by token from inputs of its own rows.
+
+        Each block draws the noise twin's jitter from the same stream, in order, so a stage with
+        one input (the logits, a matmul, a norm) sees exactly the jitter a whole evaluation would."""
+        local = split_stage(stage)[1]
+        if local not in TOKEN_WISE or cand.size <= ROW_BLOCK:
+            return None
+        if local == "logits":
+            return self._logits_check(cand, inputs, valid)
+        arrays = {n: inputs(n) for n in stage_inputs(stage, self.ref.spec.n_layer)}
+        if any(a.shape[:-1] != cand.shape[:-1] for a in arrays.values()):
+            return None
+        flat = {n: a.reshape(-1, a.shape[-1]) for n, a in arrays.items()}
+        c, v = as_rows(cand, cand.shape), as_rows(valid, cand.shape)
+        local, noise = RowSums(), RowSums()
+        for s in row_blocks(c.shape[0], max(c.shape[1], max(a.shape[1] for a in flat.values()))):
+            block = Lookup(lambda n, s=s: flat[n][s][None])
+            reference = self.ref.evaluate(stage, block, self.ids, self.mask, np.float64)[0]
+            noisy = round_to(self.noise_ref.evaluate(stage, block, self.ids, self.mask, np.float32),
+                             self.precision)[0]
+            local.add(c[s], reference, v[s])
+            noise.add(noisy, reference, v[s])
+        error, rows = local.error(cand.shape[:-1])
+        return error, rows, noise.error(cand.shape[:-1])[0]
+
+    def _logits_check(self, cand: np.ndarray, inputs: Lookup, valid: np.ndarray) -> tuple[float, np.ndarray, float]:
+        """`_blockwise_check` of the logits, in blocks of the vocabulary (blocks of tokens would cast
+        all of wte to float64 once per block). The noise twin's input is jittered once, up front."""
+        x = inputs("final.ln")
+        jittered, steady = self.noise_ref.perturb(x, np.float32), self.noise_ref.steady()
+        c, v = as_rows(cand, cand.shape), as_rows(valid, cand.shape)
+        local, noise = RowSums(), RowSums()
+        for k, cols in enumerate(row_blocks(c.shape[1], c.shape[0])):
+            reference = self.ref.evaluate("logits", {"final.ln": x}, self.ids, self.mask, np.float64, vocab=cols)
+            noisy = round_to(steady.evaluate("logits", {"final.ln": jittered}, self.ids, self.mask, np.float32,
+                                             vocab=cols), self.precision)
+            reference, noisy = (a.reshape(-1, a.shape[-1]) for a in (reference, noisy))
+            local.add(c[:, cols], reference, v[:, cols], same_rows=k > 0)
+            noise.add(noisy, reference, v[:, cols], same_rows=k > 0)
+        error, rows = local.error(cand.shape[:-1])
+        return error, rows, noise.error(cand.shape[:-1])[0]
 
     def _derivation_noise(self, stage: str, g: np.ndarray, valid: np.ndarray) -> float:
         """What deriving the stage adds by itself: the derivation applied to golden sources rounded

@@ -15,7 +15,7 @@ inputs), which is the inherited error a correct port shows there.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,19 +34,25 @@ class OracleDrift:
 
 def oracle_drift(case: CaseView, weights: dict[str, np.ndarray], config: dict, precision: str, valid_for,
                  golden_inputs: Mapping[str, frozenset[str]] | None = None,
-                 ref: Reference | None = None) -> OracleDrift:
+                 ref: Reference | None = None, golden: Callable[[str], np.ndarray] | None = None,
+                 measured: Callable[[str], None] | None = None, into: OracleDrift | None = None) -> OracleDrift:
     """Replay the golden with the NumPy backend, rounded to `precision`, and measure its drift.
 
     `valid_for(stage, golden_array)` gives the comparable elements of a stage. `golden_inputs`
     maps a stage to the inputs its check takes from the golden; for those stages the oracle's
-    inherited error is measured with `ref`.
+    inherited error is measured with `ref`. `golden(name)` reads a golden stage (default: from
+    `case`); the comparator passes its own cached reader so each stage is read from disk once.
+    `measured(stage)` is called as soon as a stage's drift is known, so the comparison can run
+    in step with the replay instead of after it (a stage is then held in memory once); the drift
+    goes into `into` when given, which the comparison reads as it fills.
     """
     from backends.numpy_backend import NumpyBackend
 
     backend = NumpyBackend(precision="fp64" if precision == "fp64" else "fp32")
     backend.prepare(weights, config)
-    out = OracleDrift()
+    out = into if into is not None else OracleDrift()
     golden_inputs = golden_inputs or {}
+    golden = golden or case.read
     keep = {n for stage, subst in golden_inputs.items() for n in (ref.inputs_of(stage) if ref else ())} - \
         {n for subst in golden_inputs.values() for n in subst}
     values: dict[str, np.ndarray] = {}
@@ -57,17 +63,19 @@ def oracle_drift(case: CaseView, weights: dict[str, np.ndarray], config: dict, p
         if stage in keep:
             values[stage] = rounded
         if case.has(stage):
-            golden = case.read(stage)
-            if golden.shape == rounded.shape:
-                valid = valid_for(stage, golden)
+            expected = golden(stage)
+            if expected.shape == rounded.shape:
+                valid = valid_for(stage, expected)
                 with np.errstate(all="ignore"):
-                    out.chained[stage] = row_error(rounded, golden, valid)[0]
+                    out.chained[stage] = row_error(rounded, expected, valid)[0]
                 if stage in golden_inputs and ref is not None:
                     subst = golden_inputs[stage]
-                    lookup = Lookup(lambda n: case.read(n) if n in subst else values[n])
+                    lookup = Lookup(lambda n: golden(n) if n in subst else values[n])
                     with np.errstate(all="ignore"):
                         check = ref.evaluate(stage, lookup, ids, mask, np.float64)
                         out.inherited[stage] = row_error(rounded, check, valid_for(stage, check))[0]
+        if measured is not None:
+            measured(stage)
         return rounded
 
     backend.forward(ids, tap, attention_mask=mask)

@@ -18,6 +18,7 @@ import numpy as np
 from tracer.stages import resid_pre, split_stage, stage_inputs
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+VOCAB_BLOCK = 8192  # vocabulary rows per block of the logits
 
 
 @dataclass
@@ -123,7 +124,7 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 
 def gelu(x, kind: str, *, cubic: float = GELU_CUBIC, scale: float = GELU_SCALE):
     if kind in GELU_TANH:
-        return 0.5 * x * (1.0 + np.tanh(scale * (x + cubic * x ** 3)))
+        return 0.5 * x * (1.0 + np.tanh(scale * (x + cubic * (x * x * x))))
     if kind == "gelu":
         return gelu_erf(x)
     if kind == "relu":
@@ -182,9 +183,16 @@ class Reference:
                 a = np.where(np.isfinite(a), a * (1 + noise), a)
         return a
 
-    def perturb(self, array: np.ndarray) -> np.ndarray:
-        """`array` in float64 with this reference's input jitter applied."""
-        return self._cast(array, np.float64)
+    def perturb(self, array: np.ndarray, dtype=np.float64) -> np.ndarray:
+        """`array` in `dtype` with this reference's input jitter applied (drawn from its stream)."""
+        return self._cast(array, dtype)
+
+    def steady(self) -> Reference:
+        """The same reference (weights precision included) without input jitter: evaluates inputs
+        that `perturb` already jittered, e.g. once for a stage evaluated in blocks."""
+        clone = copy.copy(self)
+        clone.jitter = 0.0
+        return clone
 
     def param(self, name: str, dtype) -> np.ndarray:
         w = self.w[name]
@@ -208,6 +216,18 @@ class Reference:
             return {"weight": f"{prefix}.weight", "bias": f"{prefix}.bias"}
         return {"embed.tok": {"weight": "transformer.wte.weight"}, "embed.pos": {"weight": "transformer.wpe.weight"},
                 "logits": {"weight": "transformer.wte.weight"}}.get(local, {})
+
+    def _param_rows(self, name: str, rows, dtype, knobs: dict) -> np.ndarray:
+        """param[rows] in `dtype`, casting only those rows: wte has 38 M values, and a float64 copy
+        of all of it (300 MB) to read 256 of its rows was most of the comparison's peak memory."""
+        if name in knobs.get("params", {}):
+            return self._knob_param(name, dtype, knobs)[rows]
+        w = self.w[name][rows]
+        if self.weight_precision:
+            from tracer.compare.tolerance import round_to
+
+            w = round_to(w, self.weight_precision)
+        return np.asarray(w, dtype=dtype)
 
     def _knob_param(self, name: str, dtype, knobs: dict) -> np.ndarray:
         """A parameter, or what a hypothesis puts in its place: another parameter's name, or a
@@ -240,10 +260,10 @@ class Reference:
         h = f"transformer.h.{i}"
         T = ids.shape[1]
         if local == "embed.tok":
-            return p("transformer.wte.weight")[ids + knobs.get("id_offset", 0)]
+            return self._param_rows("transformer.wte.weight", ids + knobs.get("id_offset", 0), dtype, knobs)
         if local == "embed.pos":
             pos = np.arange(T) + knobs.get("pos_offset", 0)
-            return p("transformer.wpe.weight")[pos][None]
+            return self._param_rows("transformer.wpe.weight", pos, dtype, knobs)[None]
         if local == "embed.sum":
             return get("embed.tok") * knobs.get("tok_scale", 1.0) + get("embed.pos") * knobs.get("pos_scale", 1.0)
         if local in ("ln1", "ln2", "final.ln"):
@@ -293,6 +313,12 @@ class Reference:
         if local == "resid_post":
             base = get(knobs["residual_from"]) if "residual_from" in knobs else get(f"blocks.{i}.resid_mid")
             return base + get(f"blocks.{i}.mlp.out")
-        if local == "logits":
-            return get("final.ln") @ p("transformer.wte.weight").T
+        if local == "logits":  # one block of the vocabulary at a time: no whole-wte copy in `dtype`
+            x = get("final.ln")  # knob vocab=slice: only those logits
+            lo, hi, _ = knobs.get("vocab", slice(None)).indices(self.w["transformer.wte.weight"].shape[0])
+            out = np.empty((*x.shape[:-1], hi - lo), dtype=np.result_type(x, dtype))
+            for a in range(lo, hi, VOCAB_BLOCK):
+                b = min(a + VOCAB_BLOCK, hi)
+                out[..., a - lo:b - lo] = x @ self._param_rows("transformer.wte.weight", slice(a, b), dtype, knobs).T
+            return out
         raise KeyError(stage)
