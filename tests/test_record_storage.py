@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -173,3 +174,41 @@ def test_bad_token_specs(spec: str, message: str) -> None:
 
     with pytest.raises(TracerError, match=message):
         token_positions(spec, 8)
+
+
+# -- comparing against a --tokens golden --------------------------------------------------------
+def _compare(golden: Path, trace, **request):
+    from tracer.compare.run import CompareRequest, run_compare
+
+    return run_compare(CompareRequest(golden, trace, quiet=True, **request))
+
+
+def test_cli_tokens_golden_passes_a_correct_replay_and_finds_a_bug_at_the_kept_rows(run_cli, tmp_path: Path) -> None:
+    golden = tmp_path / "sub.h5"
+    code, _, err = run_cli("record", "--model", "tiny", "-p", "The engineer printed every tensor by hand",
+                           "--tokens", "0:3,-2:", "-o", golden, "-q")
+    assert code == 0, err
+    code, out, err = run_cli("compare", golden, "--backend", "numpy", "--json", tmp_path / "ok.json")
+    assert code == 0, out + err  # chained by default: teacher forcing would need every row
+    assert "only those rows are compared" in json.loads((tmp_path / "ok.json").read_text())["tolerance"]
+    code, out, _ = run_cli("compare", golden, "--backend", "numpy", "--inject", "mask-off-by-one", "--json",
+                           tmp_path / "r.json")
+    assert code == 1
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["origin"]["stage"] == "blocks.0.attn.scores"
+    stage = next(s for s in result["cases"][0]["stages"] if s["stage"] == "blocks.0.attn.scores")
+    assert stage["diagnoses"][0]["rule"] == "mask.off-by-one", stage["diagnoses"]
+    code, _, err = run_cli("replay", golden, "--backend", "numpy", "--mode", "both", "-o", tmp_path / "t.h5")
+    assert code == 2 and "only --mode chained works" in err
+
+
+def test_tokens_golden_judges_an_independent_port_on_the_kept_rows_only(tiny_loaded, c_port, tmp_path: Path) -> None:
+    from tests.ports.real_ports import run_c_port
+
+    golden = record_tiny(tiny_loaded, tmp_path / "sub.h5", tokens="1,-1")
+    correct = _compare(golden, run_c_port(golden, tmp_path / "ok", case="case0"), case="case0")
+    assert correct.passed, [(s.stage, s.status) for s in correct.cases[0].stages if s.failed]
+    shown = correct.cases[0].stage("blocks.0.ln1").tables[0]
+    assert shown.token == 1  # the first-8 table starts at the first kept token, not at an unrecorded one
+    bug = _compare(golden, run_c_port(golden, tmp_path / "bug", case="case0", bug="ln-eps-1e-3"), case="case0")
+    assert not bug.passed and bug.cases[0].origin == "blocks.0.ln1"

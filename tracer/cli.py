@@ -56,6 +56,9 @@ def record(
     storage_dtype: Optional[str] = typer.Option(None, "--storage-dtype", help="Store stages as fp32, fp16 or bf16 "
                                                 "(default: as computed). Narrower is lossy: the file records "
                                                 "it (storage_dtype) and how much rounding it put in."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="Keep only these token positions of every stage "
+                                         "but attn.k/attn.v (which every query reads), e.g. '0:16,-1' (indices and "
+                                         "start:stop slices; negative from the end). compare checks those rows."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
@@ -69,7 +72,7 @@ def record(
         id_lists = [parse_ids(x) for x in ids]  # fail on bad ids before loading a model
         from tracer.store import DatasetOptions
 
-        options = DatasetOptions.parse(compression, storage_dtype)
+        options = DatasetOptions.parse(compression, storage_dtype, tokens)
         preflight(model if random is None else "random:")  # an unreachable hub fails before the slow imports
         from tracer.models import RANDOM_PREFIX, load_model
         from tracer.progress import track
@@ -183,7 +186,8 @@ def compare_cmd(
     backend: Optional[str] = BACKEND_OPT,
     inject: Optional[str] = INJECT_OPT,
     precision: str = typer.Option("fp32", "--precision", help="With --backend: fp32 or fp64."),
-    mode: str = typer.Option("both", "--mode", help="With --backend: chained, isolated or both."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="With --backend: chained, isolated or both (default: "
+                                       "both; chained for a golden recorded with --tokens)."),
     tolerance: Optional[str] = typer.Option(None, "--tolerance", help="auto (default: from the measured noise), "
                                             "a preset (fp64, fp32, tf32, fp16, bf16), or a TOML file."),
     stage: Optional[str] = typer.Option(None, "--stage", "-s", help="Only stages matching these globs."),

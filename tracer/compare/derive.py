@@ -80,7 +80,7 @@ class CandidateStages:
     def __init__(self, trace: CaseView, group: str, golden: CaseView, golden_value: Read, ref: Reference,
                  ids: np.ndarray, mask: np.ndarray, has_weights: bool):
         self.t, self.group, self.golden_value, self.ref = trace, group, golden_value, ref
-        self.golden_shape = lambda stage: golden.dataset(stage).shape
+        self.golden_shape = golden.full_shape
         self.ids, self.mask, self.has_weights = ids, mask, has_weights
         self.cache: dict[str, CandidateValue] = {}
         self._available: dict[str, bool] = {}

@@ -29,7 +29,7 @@ class CompareRequest:
     backend: str | None = None
     inject: str | None = None
     precision: str = "fp32"
-    mode: str = "both"
+    mode: str | None = None           # with --backend; None: both, or chained for a --tokens golden
     tolerance: str | None = None
     stage: str | None = None
     token: int | None = None
@@ -47,13 +47,14 @@ class CompareRequest:
     timeout: float | None = None     # exec: backends (None: their default)
 
 
-def replayed_trace(req: CompareRequest, workdir: Path) -> Path:
+def replayed_trace(req: CompareRequest, golden: Golden, workdir: Path) -> Path:
     from backends.registry import resolve_backend
     from tracer.replay import replay
 
     backend = resolve_backend(req.backend, req.precision, req.inject, req.timeout)
     out = workdir / "trace.h5"
-    replay(req.golden, backend, out, req.mode, progress=partial(track, description=f"replaying ({req.backend})",
+    mode = req.mode or ("chained" if golden.attrs.get("tokens") else "both")  # teacher forcing needs every row
+    replay(req.golden, backend, out, mode, progress=partial(track, description=f"replaying ({req.backend})",
                                                                   quiet=req.quiet))
     return out
 
@@ -72,7 +73,7 @@ def run_compare(req: CompareRequest) -> CompareResult:
         with Golden.open(req.golden) as golden:
             check_request(req, golden, tolerances)
             if req.backend:
-                trace = StageFile.open(replayed_trace(req, workdir))
+                trace = StageFile.open(replayed_trace(req, golden, workdir))
                 cleanup = trace.close
             elif req.trace is not None and _is_foreign(req.trace):
                 from tracer.foreign import open_trace_any

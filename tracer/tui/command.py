@@ -58,7 +58,7 @@ def _native_trace(golden_path: Path, golden: Golden, trace: Path | None, backend
     if backend is not None:
         from tracer.compare.run import replayed_trace
 
-        path = replayed_trace(CompareRequest(golden_path, backend=backend, inject=inject), workdir)
+        path = replayed_trace(CompareRequest(golden_path, backend=backend, inject=inject), golden, workdir)
         return path, f"{backend} replay" + (f" (inject {inject})" if inject else "")
     if inject:
         raise TracerError("--inject needs --backend (it is applied while replaying)")
