@@ -197,6 +197,8 @@ def _quiet_log(lib: Any) -> None:
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     precisions = ("fp32", "fp16", "q8_0")  # the GGUF's weight type (f32, f16, q8_0); activations stay f32
+    # ggml's CPU GELU reads a float16 table (GGML_GELU_FP16 in ggml-cpu/vec.h): fp16 in, fp16 out.
+    stage_precisions = {"blocks.*.mlp.act": "fp16"}
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:

@@ -9,6 +9,7 @@ value, so each stage's error is its own. Backends know nothing about tolerances.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -36,6 +37,10 @@ class Backend:
     precisions: tuple[str, ...] | None = None
     # Fault-injection bugs this backend implements (names from backends.inject.CATALOG).
     supported_injections: frozenset[str] = frozenset()
+    # Stages (globs) the engine computes in another precision than `precision` by design, e.g.
+    # {"blocks.*.mlp.act": "fp16"} for a GELU read from a float16 table. Replay stores it as the
+    # stage's `precision` attribute and `auto` tolerances judge that stage at that precision.
+    stage_precisions: dict[str, str] = {}
 
     def __init__(self, precision: str = "fp32", inject: str | None = None):
         if self.precisions is not None and precision not in self.precisions:
@@ -51,6 +56,10 @@ class Backend:
     def availability(cls) -> tuple[bool, str]:
         """Whether this backend can run on this machine, and why not."""
         return True, ""
+
+    def declared_precision(self, stage: str) -> str | None:
+        """The precision this backend declares for `stage` when it differs from `precision`."""
+        return next((p for glob, p in self.stage_precisions.items() if fnmatch.fnmatchcase(stage, glob)), None)
 
     def prepare(self, weights: dict[str, np.ndarray], config: dict) -> None:
         raise NotImplementedError

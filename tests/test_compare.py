@@ -3,6 +3,7 @@ its stage and, where a rule exists, diagnosed; bad input is exit 2."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,29 @@ def test_json_roundtrip_keeps_the_verdict(tiny_golden, tmp_path):
     back = CompareResult.load(path)
     assert back.to_dict() == result.to_dict()
     assert back.origin == {"case": "case0", "stage": "final.ln"}
+
+
+class HalfGeluBackend(NumpyBackend):
+    """An fp32 engine whose GELU reads a float16 table (fp16 in, fp16 out), like ggml's CPU GELU."""
+
+    name = "numpy-half-gelu"
+
+    def __init__(self, precision: str = "fp32", inject: str | None = None, declare: bool = True):
+        super().__init__(precision, inject)
+        gelu = self.ops.gelu
+        half = lambda x: x.astype(np.float16).astype(x.dtype)  # noqa: E731
+        self.ops = replace(self.ops, gelu=lambda x: half(gelu(half(x))))
+        self.stage_precisions = {"blocks.*.mlp.act": "fp16"} if declare else {}
+
+
+def test_a_stage_precision_the_backend_declares_is_judged_at_that_precision(tiny_golden, tmp_path):
+    undeclared = run(tiny_golden, HalfGeluBackend(declare=False), tmp_path)
+    assert not undeclared.passed and undeclared.cases[0].origin == "blocks.0.mlp.act"
+    assert undeclared.cases[0].stage("blocks.0.mlp.act").diagnoses[0].rule.startswith("precision."), \
+        undeclared.cases[0].stage("blocks.0.mlp.act").diagnoses
+    declared = run(tiny_golden, HalfGeluBackend(), tmp_path)
+    assert declared.passed, [(s.stage, s.status) for c in declared.cases for s in c.stages if s.failed]
+    fc = declared.cases[0].stage("blocks.0.mlp.fc")
+    assert fc.local_tolerance < declared.cases[0].stage("blocks.0.mlp.act").local_tolerance / 100  # fp32 elsewhere
+    bug = run(tiny_golden, HalfGeluBackend(inject="mask-off-by-one"), tmp_path)
+    assert bug.cases[0].origin == "blocks.0.attn.scores"

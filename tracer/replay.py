@@ -69,7 +69,9 @@ class StageTap:
 
     def record(self, stage: str, array: np.ndarray) -> None:
         try:
-            self.writer.write_stage(self.golden_case.name, stage, array, self.orders[stage], group=self.group)
+            declared = getattr(self.backend, "declared_precision", lambda _: None)(stage)
+            self.writer.write_stage(self.golden_case.name, stage, array, self.orders[stage], group=self.group,
+                                    **({"precision": declared} if declared else {}))
         except OSError as exc:
             raise io_error("write", self.writer.path, exc) from None
         self.on_stage()

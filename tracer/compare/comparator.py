@@ -165,8 +165,8 @@ class _CaseComparison:
             recorded = np.zeros(self.mask.shape[1], dtype=bool)
             recorded[self.kept] = True
             self.compared = self.compared & recorded
-        low = precision not in ("fp32", "fp64")
-        self.noise_ref = ref.jittered(UNIT_ROUNDOFF[precision], weight_precision=precision if low else None)
+        self._noise_refs: dict[str, Reference] = {}
+        self._precisions: dict[str, str] = {}
         self.isolated = bool(trace.stages("isolated"))
         # An isolated-only trace has no chained values: its teacher-forced values stand in for them.
         self.group = "stages" if trace.stages("stages") or not self.isolated else "isolated"
@@ -185,6 +185,23 @@ class _CaseComparison:
 
     def rows_for(self, stage: str, array: np.ndarray) -> np.ndarray:
         return valid_mask(layout_of(stage), array.shape, self._tokens_of(stage), None)
+
+    def precision_of(self, stage: str) -> str:
+        """The candidate's precision at `stage`: the trace's, unless its backend declared the stage
+        computed in another (the dataset's `precision` attribute: llama.cpp's GELU is an fp16 table)."""
+        if stage not in self._precisions:
+            declared = self.t.dataset(stage, self.group).attrs.get("precision") if self.cand.dumped(stage) else None
+            self._precisions[stage] = declared if declared in UNIT_ROUNDOFF else self.precision
+        return self._precisions[stage]
+
+    def noise_ref(self, precision: str) -> Reference:
+        """The noise twin of a precision: inputs jittered by its rounding unit, weights rounded to it
+        when it is narrower than fp32."""
+        if precision not in self._noise_refs:
+            low = precision not in ("fp32", "fp64")
+            self._noise_refs[precision] = self.ref.jittered(UNIT_ROUNDOFF[precision],
+                                                            weight_precision=precision if low else None)
+        return self._noise_refs[precision]
 
     def golden_value(self, name: str) -> np.ndarray:
         if name not in self.g_cache:
@@ -274,7 +291,7 @@ class _CaseComparison:
                     if golden_inputs:
                         substituted[stage] = golden_inputs
         oracle_drift(self.g, self.weights, self.config, self.precision, self.valid_for, substituted, self.ref,
-                     golden=self.golden_value, measured=measured, into=drift)
+                     golden=self.golden_value, measured=measured, into=drift, stage_precision=self.precision_of)
 
     def _golden_nonfinite(self, stage: str, g: np.ndarray) -> int:
         rows = np.broadcast_to(self.rows_for(stage, g), g.shape)
@@ -330,7 +347,7 @@ class _CaseComparison:
                 res.error = float("inf")
         res.drift = drift.chained.get(stage) if drift else None
         local_rows, evidence = self._local_check(stage, res, c, g, drift)
-        res.tolerance = self.options.tolerances.chained_tolerance(stage, res.drift, self.precision,
+        res.tolerance = self.options.tolerances.chained_tolerance(stage, res.drift, self.precision_of(stage),
                                                                   res.local_tolerance)
         res.metrics = stage_metrics(g, c, valid, res.tolerance, mask_mismatch)
         res.fails_chained = not res.error <= res.tolerance
@@ -405,6 +422,7 @@ class _CaseComparison:
                 lookup = self.candidate_input
                 res.local_source = "chained inputs" + ("" if "derived" not in sources.values() else " (some derived)")
         inputs = Lookup(lookup)
+        precision = self.precision_of(stage)
         reference = None
         with np.errstate(all="ignore"):
             valid_local, rows = self.valid_for(stage, cand), self.rows_for(stage, cand)
@@ -413,8 +431,8 @@ class _CaseComparison:
                 res.local_error, local_rows, res.local_noise = blockwise
             else:
                 reference = self.ref.evaluate(stage, inputs, self.ids, self.mask, np.float64)
-                noisy = round_to(self.noise_ref.evaluate(stage, inputs, self.ids, self.mask, np.float32),
-                                 self.precision)
+                noisy = round_to(self.noise_ref(precision).evaluate(stage, inputs, self.ids, self.mask,
+                                                                    np.float32), precision)
                 res.local_error, local_rows = row_error(cand, reference, valid_local)
                 if split_stage(stage)[1] == "attn.scores":  # a differently masked row is infinitely wrong
                     mask_rows = (np.broadcast_to(rows, cand.shape) & (is_masked(cand) != is_masked(reference))).any(-1)
@@ -426,7 +444,7 @@ class _CaseComparison:
                 del noisy
             if res.derived:
                 res.local_noise = max(res.local_noise, self._derivation_noise(stage, g, valid_local))
-        res.local_tolerance = self.options.tolerances.local_tolerance(stage, res.local_noise, self.precision,
+        res.local_tolerance = self.options.tolerances.local_tolerance(stage, res.local_noise, precision,
                                                                       inherited)
         res.fails_local = not res.local_error <= res.local_tolerance
         if not res.fails_local:
@@ -436,7 +454,7 @@ class _CaseComparison:
                 reference = self.ref.evaluate(stage, inputs, self.ids, self.mask, np.float64)
         derived = frozenset(n for n, src in (res.inputs or {}).items() if src == "derived")
         return local_rows, StageEvidence(stage, cand, reference, inputs, self.ids, self.mask, valid_local, rows,
-                                         res.local_error, res.local_tolerance, self.precision, derived)
+                                         res.local_error, res.local_tolerance, precision, derived)
 
     def _blockwise_check(self, stage: str, cand: np.ndarray, inputs: Lookup,
                          valid: np.ndarray) -> tuple[float, np.ndarray, float] | None:
@@ -449,6 +467,7 @@ class _CaseComparison:
         local = split_stage(stage)[1]
         if local not in TOKEN_WISE or cand.size <= ROW_BLOCK:
             return None
+        precision = self.precision_of(stage)
         if local == "logits":
             return self._logits_check(cand, inputs, valid)
         arrays = {n: inputs(n) for n in stage_inputs(stage, self.ref.spec.n_layer)}
@@ -460,8 +479,8 @@ class _CaseComparison:
         for s in row_blocks(c.shape[0], max(c.shape[1], max(a.shape[1] for a in flat.values()))):
             block = Lookup(lambda n, s=s: flat[n][s][None])
             reference = self.ref.evaluate(stage, block, self.ids, self.mask, np.float64)[0]
-            noisy = round_to(self.noise_ref.evaluate(stage, block, self.ids, self.mask, np.float32),
-                             self.precision)[0]
+            noisy = round_to(self.noise_ref(precision).evaluate(stage, block, self.ids, self.mask, np.float32),
+                             precision)[0]
             local.add(c[s], reference, v[s])
             noise.add(noisy, reference, v[s])
         error, rows = local.error(cand.shape[:-1])
@@ -471,13 +490,14 @@ class _CaseComparison:
         """`_blockwise_check` of the logits, in blocks of the vocabulary (blocks of tokens would cast
         all of wte to float64 once per block). The noise twin's input is jittered once, up front."""
         x = inputs("final.ln")
-        jittered, steady = self.noise_ref.perturb(x, np.float32), self.noise_ref.steady()
+        precision = self.precision_of("logits")
+        jittered, steady = self.noise_ref(precision).perturb(x, np.float32), self.noise_ref(precision).steady()
         c, v = as_rows(cand, cand.shape), as_rows(valid, cand.shape)
         local, noise = RowSums(), RowSums()
         for k, cols in enumerate(row_blocks(c.shape[1], c.shape[0])):
             reference = self.ref.evaluate("logits", {"final.ln": x}, self.ids, self.mask, np.float64, vocab=cols)
             noisy = round_to(steady.evaluate("logits", {"final.ln": jittered}, self.ids, self.mask, np.float32,
-                                             vocab=cols), self.precision)
+                                             vocab=cols), precision)
             reference, noisy = (a.reshape(-1, a.shape[-1]) for a in (reference, noisy))
             local.add(c[:, cols], reference, v[:, cols], same_rows=k > 0)
             noise.add(noisy, reference, v[:, cols], same_rows=k > 0)
@@ -490,7 +510,8 @@ class _CaseComparison:
         d = self.cand.derivation(stage)
         if d is None or d.exact:
             return 0.0
-        rounded = lambda n: round_to(self.noise_ref.perturb(self.golden_value(n)), self.precision)  # noqa: E731
+        precision = self.precision_of(stage)
+        rounded = lambda n: round_to(self.noise_ref(precision).perturb(self.golden_value(n)), precision)  # noqa: E731
         return row_error(self.cand.derive(stage, d, rounded), g, valid)[0]
 
     def _diagnose_chained(self, stage: str, c: np.ndarray, g: np.ndarray, valid: np.ndarray, res: StageResult):
@@ -502,5 +523,5 @@ class _CaseComparison:
         except KeyError:
             return []
         ev = StageEvidence(stage, c, reference, Lookup(self.golden_value), self.ids, self.mask, valid,
-                           self.rows_for(stage, g), res.error, res.tolerance, self.precision)
+                           self.rows_for(stage, g), res.error, res.tolerance, self.precision_of(stage))
         return diagnose(ev, self.ref)

@@ -35,7 +35,8 @@ class OracleDrift:
 def oracle_drift(case: CaseView, weights: dict[str, np.ndarray], config: dict, precision: str, valid_for,
                  golden_inputs: Mapping[str, frozenset[str]] | None = None,
                  ref: Reference | None = None, golden: Callable[[str], np.ndarray] | None = None,
-                 measured: Callable[[str], None] | None = None, into: OracleDrift | None = None) -> OracleDrift:
+                 measured: Callable[[str], None] | None = None, into: OracleDrift | None = None,
+                 stage_precision: Callable[[str], str] | None = None) -> OracleDrift:
     """Replay the golden with the NumPy backend, rounded to `precision`, and measure its drift.
 
     `valid_for(stage, golden_array)` gives the comparable elements of a stage. `golden_inputs`
@@ -44,7 +45,9 @@ def oracle_drift(case: CaseView, weights: dict[str, np.ndarray], config: dict, p
     `case`); the comparator passes its own cached reader so each stage is read from disk once.
     `measured(stage)` is called as soon as a stage's drift is known, so the comparison can run
     in step with the replay instead of after it (a stage is then held in memory once); the drift
-    goes into `into` when given, which the comparison reads as it fills.
+    goes into `into` when given, which the comparison reads as it fills. `stage_precision(stage)`
+    overrides `precision` for the rounding of single stages a backend declared computed in another
+    (a correct port of that engine rounds there too).
     """
     from backends.numpy_backend import NumpyBackend
 
@@ -59,7 +62,8 @@ def oracle_drift(case: CaseView, weights: dict[str, np.ndarray], config: dict, p
     ids, mask = case.input_ids, case.attention_mask
 
     def tap(stage: str, value: np.ndarray) -> np.ndarray:
-        rounded = round_to(value, precision).astype(value.dtype) if precision not in ("fp32", "fp64") else value
+        p = stage_precision(stage) if stage_precision is not None else precision
+        rounded = round_to(value, p).astype(value.dtype) if p not in ("fp32", "fp64") else value
         if stage in keep:
             values[stage] = rounded
         if case.has(stage):
