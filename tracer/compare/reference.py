@@ -124,7 +124,10 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 
 def gelu(x, kind: str, *, cubic: float = GELU_CUBIC, scale: float = GELU_SCALE):
     if kind in GELU_TANH:
-        return 0.5 * x * (1.0 + np.tanh(scale * (x + cubic * (x * x * x))))
+        # x³: one rounded pow in float32, as HF's NewGELU (torch.pow) computes it; in float64 two products
+        # round far below anything compared, and pow there cost as much as the rest of the stage.
+        cube = x * x * x if x.dtype == np.float64 else x ** 3
+        return 0.5 * x * (1.0 + np.tanh(scale * (x + cubic * cube)))
     if kind == "gelu":
         return gelu_erf(x)
     if kind == "relu":
