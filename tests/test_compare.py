@@ -187,3 +187,30 @@ def test_a_stage_precision_the_backend_declares_is_judged_at_that_precision(tiny
     assert fc.local_tolerance < declared.cases[0].stage("blocks.0.mlp.act").local_tolerance / 100  # fp32 elsewhere
     bug = run(tiny_golden, HalfGeluBackend(inject="mask-off-by-one"), tmp_path)
     assert bug.cases[0].origin == "blocks.0.attn.scores"
+
+
+def test_checks_in_blocks_give_the_whole_stage_results(tiny_golden, tmp_path, monkeypatch):
+    """Blocks of tokens (and of the vocabulary for the logits) bound the comparison's memory; they
+    must not change a number: forced on every stage of the tiny model, errors and tolerances match."""
+    import tracer.compare.comparator as comparator
+    import tracer.compare.metrics as metrics
+
+    whole = run(tiny_golden, NumpyBackend("fp32", inject="drop-fc-bias"), tmp_path)
+    monkeypatch.setattr(comparator, "ROW_BLOCK", 64)
+    monkeypatch.setattr(metrics, "ROW_BLOCK", 64)
+    blocks = run(tiny_golden, NumpyBackend("fp32", inject="drop-fc-bias"), tmp_path)
+    assert blocks.cases[0].origin == whole.cases[0].origin == "blocks.0.mlp.fc"
+    assert blocks.cases[0].stage("blocks.0.mlp.fc").diagnoses[0].rule == "param.bias.dropped"
+    # Element-wise stages of one input see the same jitter, drawn in the same order: the same noise. A
+    # product's float32 noise twin rounds differently on one row (a GEMV) than on many (a GEMM): there
+    # only the verdicts must agree (with real block sizes, of many rows, benchmarks.equivalence finds
+    # every tolerance within 1%).
+    single_input = ("ln1", "ln2", "final.ln", "mlp.act")
+    for a, b in zip(whole.cases[0].stages, blocks.cases[0].stages):
+        assert a.status == b.status, a.stage
+        assert a.error == pytest.approx(b.error, rel=1e-6, abs=1e-12), a.stage
+        assert a.metrics.mismatch_pct == pytest.approx(b.metrics.mismatch_pct), a.stage
+        assert a.metrics.cosine == pytest.approx(b.metrics.cosine, abs=1e-12), a.stage
+        if a.stage.endswith(single_input):
+            assert a.local_error == pytest.approx(b.local_error, rel=1e-6, abs=1e-12), a.stage
+            assert a.local_tolerance == pytest.approx(b.local_tolerance, rel=1e-6), a.stage
