@@ -31,6 +31,8 @@ from tracer.compare.metrics import (
     is_masked,
     row_blocks,
     row_error,
+    row_error_and_sums,
+    row_errors,
     stage_metrics,
     valid_mask,
 )
@@ -342,14 +344,14 @@ class _CaseComparison:
             c, mask_mismatch, note = self._scores_masking(stage, c, g)
             res.note = note or res.note
         with np.errstate(all="ignore"):
-            res.error, per_row = row_error(c, g, valid)
+            res.error, per_row, sums = row_error_and_sums(c, g, valid)
             if mask_mismatch:
                 res.error = float("inf")
         res.drift = drift.chained.get(stage) if drift else None
         local_rows, evidence = self._local_check(stage, res, c, g, drift)
         res.tolerance = self.options.tolerances.chained_tolerance(stage, res.drift, self.precision_of(stage),
                                                                   res.local_tolerance)
-        res.metrics = stage_metrics(g, c, valid, res.tolerance, mask_mismatch)
+        res.metrics = stage_metrics(g, c, valid, res.tolerance, mask_mismatch, sums)
         res.fails_chained = not res.error <= res.tolerance
         if res.metrics.first_nonfinite is not None:
             res.fails_chained = True
@@ -369,7 +371,8 @@ class _CaseComparison:
                 res.diagnoses = self._diagnose_chained(stage, c, g, valid, res)
         res.tables = first8_tables(stage, g, shown if self.t.is_partial(stage) else c, valid, per_row,
                                    res.tolerance, self.options.token,
-                                   first=0 if self.kept is None else int(self.kept[0]))
+                                   first=0 if self.kept is None else int(self.kept[0]),
+                                   golden_rms=float(np.sqrt(sums[0] / max(res.metrics.n_compared, 1))))
         return res
 
     def _scores_masking(self, stage: str, c: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, int, str | None]:
@@ -433,14 +436,15 @@ class _CaseComparison:
                 reference = self.ref.evaluate(stage, inputs, self.ids, self.mask, np.float64)
                 noisy = round_to(self.noise_ref(precision).evaluate(stage, inputs, self.ids, self.mask,
                                                                     np.float32), precision)
-                res.local_error, local_rows = row_error(cand, reference, valid_local)
                 if split_stage(stage)[1] == "attn.scores":  # a differently masked row is infinitely wrong
+                    res.local_error, local_rows = row_error(cand, reference, valid_local)
                     mask_rows = (np.broadcast_to(rows, cand.shape) & (is_masked(cand) != is_masked(reference))).any(-1)
                     if mask_rows.any():
                         res.local_error, local_rows = float("inf"), np.where(mask_rows, np.inf, local_rows)
                     res.local_noise = scores_distance(noisy, reference, rows)
                 else:
-                    res.local_noise = row_error(noisy, reference, valid_local)[0]
+                    (res.local_error, local_rows), (res.local_noise, _) = row_errors(reference, valid_local, cand,
+                                                                                     noisy)
                 del noisy
             if res.derived:
                 res.local_noise = max(res.local_noise, self._derivation_noise(stage, g, valid_local))
@@ -481,8 +485,7 @@ class _CaseComparison:
             reference = self.ref.evaluate(stage, block, self.ids, self.mask, np.float64)[0]
             noisy = round_to(self.noise_ref(precision).evaluate(stage, block, self.ids, self.mask, np.float32),
                              precision)[0]
-            local.add(c[s], reference, v[s])
-            noise.add(noisy, reference, v[s])
+            noise.add(noisy, reference, v[s], ref_sq=local.add(c[s], reference, v[s]))
         error, rows = local.error(cand.shape[:-1])
         return error, rows, noise.error(cand.shape[:-1])[0]
 
@@ -499,8 +502,8 @@ class _CaseComparison:
             noisy = round_to(steady.evaluate("logits", {"final.ln": jittered}, self.ids, self.mask, np.float32,
                                              vocab=cols), precision)
             reference, noisy = (a.reshape(-1, a.shape[-1]) for a in (reference, noisy))
-            local.add(c[:, cols], reference, v[:, cols], same_rows=k > 0)
-            noise.add(noisy, reference, v[:, cols], same_rows=k > 0)
+            ref_sq = local.add(c[:, cols], reference, v[:, cols], same_rows=k > 0)
+            noise.add(noisy, reference, v[:, cols], same_rows=k > 0, ref_sq=ref_sq)
         error, rows = local.error(cand.shape[:-1])
         return error, rows, noise.error(cand.shape[:-1])[0]
 

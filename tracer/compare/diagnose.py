@@ -43,8 +43,7 @@ def scores_distance(candidate: np.ndarray, hypothesis: np.ndarray, rows: np.ndar
     cm, hm = is_masked(candidate), is_masked(hypothesis)
     if (np.broadcast_to(rows, cm.shape) & (cm != hm)).any():
         return float("inf")
-    valid = np.broadcast_to(rows, cm.shape) & ~hm
-    return row_error(np.where(valid, candidate, 0.0), np.where(valid, hypothesis, 0.0), valid)[0]
+    return row_error(candidate, hypothesis, np.broadcast_to(rows, cm.shape) & ~hm)[0]  # only those elements count
 
 
 @dataclass

@@ -166,9 +166,10 @@ def _widths(C: int) -> list[int]:
 
 
 def first8_tables(stage: str, g: np.ndarray, c: np.ndarray, valid: np.ndarray, per_row: np.ndarray,
-                  tolerance: float, token: int | None, first: int = 0) -> list[First8]:
+                  tolerance: float, token: int | None, first: int = 0, golden_rms: float | None = None) -> list[First8]:
     """First 8 values at token `first` (0, or the first one a --tokens golden kept), the worst token,
-    and `token` if asked (query rows for attention)."""
+    and `token` if asked (query rows for attention). `golden_rms`: the RMS of the compared golden
+    values, when the caller has it."""
     layout = layout_of(stage)
     finite_rows = np.where(np.isfinite(per_row), per_row, np.finfo(np.float64).max)
     worst = np.unravel_index(int(np.argmax(finite_rows)), per_row.shape)
@@ -181,7 +182,7 @@ def first8_tables(stage: str, g: np.ndarray, c: np.ndarray, valid: np.ndarray, p
     if token is not None and 0 <= token < T:
         picks.append((0, 0 if wh is not None else None, token))
     tables, seen = [], set()
-    scale_rms = rms(g, valid)
+    scale_rms = rms(g, valid) if golden_rms is None else golden_rms
     for b, h, t in picks:
         if (b, h, t) in seen:
             continue

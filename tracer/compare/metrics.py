@@ -35,7 +35,7 @@ def valid_mask(layout: str, shape: tuple[int, ...], attention_mask: np.ndarray, 
 
 
 def is_masked(x: np.ndarray) -> np.ndarray:
-    return np.isneginf(x) | (x <= MASK_FILL_BELOW)
+    return x <= MASK_FILL_BELOW  # -inf included; NaN is not masked
 
 
 ROW_BLOCK = 1 << 20  # elements per block: every temporary of a metric is at most this big (4 MB in float32)
@@ -75,22 +75,28 @@ class RowSums:
         self.ref_sq: list[np.ndarray] = []
         self.rows: list[np.ndarray] = []
 
-    def add(self, candidate: np.ndarray, reference: np.ndarray, valid: np.ndarray, same_rows: bool = False) -> None:
-        """The next block of rows; with `same_rows`, more columns of the block added last."""
+    def add(self, candidate: np.ndarray, reference: np.ndarray, valid: np.ndarray, same_rows: bool = False,
+            ref_sq: np.ndarray | None = None) -> np.ndarray:
+        """The next block of rows; with `same_rows`, more columns of the block added last. Returns the
+        block's reference row sums: another candidate against the same reference passes them as
+        `ref_sq` instead of summing them again."""
         with np.errstate(invalid="ignore"):
             d = np.subtract(candidate, reference, dtype=_work_dtype(candidate, reference))
-        if not valid.all():  # padding, masked scores: only the compared elements count
+        partial = not valid.all()
+        if partial:  # padding, masked scores: only the compared elements count
             np.copyto(d, 0.0, where=~valid)
-            reference = np.where(valid, reference, 0.0)
-        diff_sq, ref_sq, rows = _sum_sq(d, rows=True), _sum_sq(reference, rows=True), valid.any(-1)
+        if ref_sq is None:
+            ref_sq = _sum_sq(np.where(valid, reference, 0.0) if partial else reference, rows=True)
+        diff_sq, rows = _sum_sq(d, rows=True), valid.any(-1)
         if same_rows:
-            self.diff_sq[-1] += diff_sq
-            self.ref_sq[-1] += ref_sq
-            self.rows[-1] |= rows
+            self.diff_sq[-1] = self.diff_sq[-1] + diff_sq
+            self.ref_sq[-1] = self.ref_sq[-1] + ref_sq
+            self.rows[-1] = self.rows[-1] | rows
         else:
             self.diff_sq.append(diff_sq)
             self.ref_sq.append(ref_sq)
             self.rows.append(rows)
+        return ref_sq
 
     def error(self, shape: tuple[int, ...]) -> tuple[float, np.ndarray]:
         """(worst row error, per-row errors reshaped to `shape`)."""
@@ -118,16 +124,38 @@ def rms(values: np.ndarray, valid: np.ndarray) -> float:
     return float(np.sqrt(total / n)) if n else 0.0
 
 
+def _row_sums(reference: np.ndarray, valid: np.ndarray, *candidates: np.ndarray) -> tuple[tuple, list[RowSums]]:
+    shape = np.broadcast_shapes(np.shape(reference), *(np.shape(c) for c in candidates))
+    r, v = as_rows(reference, shape), as_rows(valid, shape)
+    rows = [as_rows(c, shape) for c in candidates]
+    sums = [RowSums() for _ in candidates]
+    for s in row_blocks(*r.shape):
+        ref_sq = None
+        for c, acc in zip(rows, sums):
+            ref_sq = acc.add(c[s], r[s], v[s], ref_sq=ref_sq)
+    return shape[:-1], sums
+
+
+def row_errors(reference: np.ndarray, valid: np.ndarray, *candidates: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    """`row_error` of each candidate against one reference, whose row norms are summed once."""
+    shape, sums = _row_sums(reference, valid, *candidates)
+    return [acc.error(shape) for acc in sums]
+
+
 def row_error(candidate: np.ndarray, reference: np.ndarray, valid: np.ndarray) -> tuple[float, np.ndarray]:
     """(worst row error, per-row errors [shape[:-1]]): ||c - r||₂ per row / RMS row norm of r.
 
     Computed in blocks of rows, so the temporaries stay small whatever the stage's size."""
-    shape = np.broadcast_shapes(np.shape(candidate), np.shape(reference))
-    c, r, v = as_rows(candidate, shape), as_rows(reference, shape), as_rows(valid, shape)
-    sums = RowSums()
-    for s in row_blocks(*c.shape):
-        sums.add(c[s], r[s], v[s])
-    return sums.error(shape[:-1])
+    return row_errors(reference, valid, candidate)[0]
+
+
+def row_error_and_sums(candidate: np.ndarray, reference: np.ndarray,
+                       valid: np.ndarray) -> tuple[float, np.ndarray, tuple[float, float]]:
+    """`row_error`, and (Σ reference², Σ (candidate − reference)²) over the valid elements, which
+    `stage_metrics` takes instead of summing them again."""
+    shape, (acc,) = _row_sums(reference, valid, candidate)
+    error, per_row = acc.error(shape)
+    return error, per_row, (float(np.concatenate(acc.ref_sq).sum()), float(np.concatenate(acc.diff_sq).sum()))
 
 
 @dataclass
@@ -158,9 +186,10 @@ def _finite_or_none(x: float) -> float:
 
 
 def stage_metrics(golden: np.ndarray, candidate: np.ndarray, valid: np.ndarray, tolerance: float,
-                  masked_mismatch: int = 0) -> StageMetrics:
+                  masked_mismatch: int = 0, sums: tuple[float, float] | None = None) -> StageMetrics:
     """Metrics over valid elements. Mismatch % uses the stage's tolerance elementwise:
-    |c - g| > tolerance * max(|g|, RMS(g)).
+    |c - g| > tolerance * max(|g|, RMS(g)). `sums` = (Σ g², Σ (c − g)²) when already known
+    (`row_error_and_sums`).
 
     Two passes over blocks of rows (the second needs RMS(g) and max|g|), so no temporary is
     larger than a block even for the logits of a long sequence."""
@@ -175,7 +204,8 @@ def stage_metrics(golden: np.ndarray, candidate: np.ndarray, valid: np.ndarray, 
         sel_g = g[s].ravel() if every else g[s][vb]
         n += sel_g.size
         if sel_g.size:
-            sig += float(_sum_sq(sel_g))
+            if sums is None:
+                sig += float(_sum_sq(sel_g))
             g_max = max(g_max, float(np.max(np.abs(sel_g))))
         if first_bad is None:
             bad = ~np.isfinite(c[s]) & vb & np.isfinite(g[s])
@@ -184,10 +214,12 @@ def stage_metrics(golden: np.ndarray, candidate: np.ndarray, valid: np.ndarray, 
     first_nonfinite = None if first_bad is None else [int(i) for i in np.unravel_index(first_bad, shape)]
     if n == 0:
         return StageMetrics(0, 0, 0, 0, 0, 1, float("inf"), 0, 0, [], 0, 0, first_nonfinite, masked_mismatch)
+    if sums is not None:
+        sig = sums[0]
     rms_g = float(np.sqrt(sig / n))
     floor = max(1e-6 * g_max, 1e-30)
     max_abs = max_rel = np.float64(0.0)
-    sum_abs = noise = cc = cg = 0.0
+    sum_abs = noise = gd = 0.0
     mismatch, worst, worst_at = 0, -np.inf, 0
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         for s in blocks:
@@ -207,16 +239,19 @@ def stage_metrics(golden: np.ndarray, candidate: np.ndarray, valid: np.ndarray, 
                 worst, worst_at = ad_full[k], s.start * g.shape[1] + k
             max_abs = np.maximum(max_abs, np.max(ad))
             sum_abs += float(np.add.reduce(ad, dtype=np.float64))
-            noise += float(_sum_sq(d))
-            cc += float(_sum_sq(sel_c))
-            cg += float(_sum_sq(sel_c, sel_g))
+            if sums is None:
+                noise += float(_sum_sq(d))
+            gd += float(_sum_sq(sel_g, d))
             abs_g = np.abs(sel_g)
             max_rel = np.maximum(max_rel, np.max(ad / np.maximum(abs_g, floor)))
             np.maximum(abs_g, rms_g, out=abs_g)
             abs_g *= tolerance
             mismatch += np.count_nonzero(~(ad <= abs_g))  # NaN and Inf differences count as mismatches
-        denom = float(np.sqrt(cc) * np.sqrt(sig))
-        cosine = float(cg / denom) if denom > 0 else (1.0 if noise == 0 else 0.0)
+        if sums is not None:
+            noise = sums[1]
+        # c = g + d: c·g = Σg² + Σg·d and |c|² = Σg² + 2Σg·d + Σd², from sums already made
+        denom = float(np.sqrt(max(sig + 2 * gd + noise, 0.0)) * np.sqrt(sig))
+        cosine = float((sig + gd) / denom) if denom > 0 else (1.0 if noise == 0 else 0.0)
         where = np.unravel_index(worst_at, shape)
         return StageMetrics(
             n_compared=int(n),

@@ -180,10 +180,10 @@ class Reference:
 
     def _cast(self, array: np.ndarray, dtype) -> np.ndarray:
         a = np.asarray(array, dtype=dtype)
-        if self.jitter and a.dtype.kind == "f":
+        if self.jitter and a.dtype.kind == "f":  # a·(1 + noise): ±inf and NaN stay what they are
             noise = self._rng.uniform(-self.jitter, self.jitter, size=a.shape).astype(a.dtype)
-            with np.errstate(invalid="ignore"):
-                a = np.where(np.isfinite(a), a * (1 + noise), a)
+            noise += 1
+            a = np.multiply(a, noise, out=noise)
         return a
 
     def perturb(self, array: np.ndarray, dtype=np.float64) -> np.ndarray:
