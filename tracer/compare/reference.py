@@ -97,8 +97,10 @@ def _matmul(a, b):
 
 def scores(q, k, scale, allowed, *, swap_qk=False):
     a, b = (k, q) if swap_qk else (q, k)
-    s = _matmul(a, np.swapaxes(b, -1, -2))
-    return np.where(allowed, s * scale, -np.inf)
+    s = _matmul(a, np.swapaxes(b, -1, -2))  # a fresh array: scaled and masked in place
+    s *= scale
+    np.copyto(s, -np.inf, where=~np.broadcast_to(allowed, s.shape))
+    return s
 
 
 def softmax(s, axis=-1, *, subtract_max=True):
