@@ -199,6 +199,8 @@ class LlamaCppBackend(Backend):
     precisions = ("fp32", "fp16", "q8_0")  # the GGUF's weight type (f32, f16, q8_0); activations stay f32
     # ggml's CPU GELU reads a float16 table (GGML_GELU_FP16 in ggml-cpu/vec.h): fp16 in, fp16 out.
     stage_precisions = {"blocks.*.mlp.act": "fp16"}
+    # A q8_0 weight's matmul quantizes its activations to q8_0 too (the type's vec_dot_type).
+    QUANTIZED_PRODUCTS = ("blocks.*.attn.qkv", "blocks.*.attn.out", "blocks.*.mlp.fc", "blocks.*.mlp.out", "logits")
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -217,6 +219,8 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, precision: str = "fp32", inject: str | None = None):
         super().__init__(precision, inject)
+        if precision == "q8_0":
+            self.stage_precisions = {**type(self).stage_precisions, **dict.fromkeys(self.QUANTIZED_PRODUCTS, "q8_0")}
         self._lib = _llama_cpp()
         _quiet_log(self._lib)
         self._lib.llama_backend_init()

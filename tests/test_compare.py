@@ -214,3 +214,27 @@ def test_checks_in_blocks_give_the_whole_stage_results(tiny_golden, tmp_path, mo
         if a.stage.endswith(single_input):
             assert a.local_error == pytest.approx(b.local_error, rel=1e-6, abs=1e-12), a.stage
             assert a.local_tolerance == pytest.approx(b.local_tolerance, rel=1e-6), a.stage
+
+
+def test_a_block_quantized_product_is_judged_as_one(tiny_golden, tmp_path, monkeypatch):
+    """ggml's q8_0 matmuls quantize weights and activations to blocks of 32: declared, every product is
+    judged against a twin that quantizes the same way and passes; undeclared, the first product fails
+    and diagnosis names the quantization."""
+    import backends.numpy_backend as numpy_backend
+    from tracer.compare.tolerance import quantize_blocks
+
+    def q8_linear(x, w, b):
+        y = (quantize_blocks(x, "q8_0") @ quantize_blocks(w, "q8_0", axis=0)).astype(np.float32)
+        return y + b if b is not None else y
+
+    monkeypatch.setattr(numpy_backend, "linear", q8_linear)
+    products = {s: "q8_0" for s in ("blocks.*.attn.qkv", "blocks.*.attn.out", "blocks.*.mlp.fc", "blocks.*.mlp.out",
+                                     "logits")}
+    declared = NumpyBackend()
+    declared.stage_precisions = products
+    result = run(tiny_golden, declared, tmp_path)
+    assert result.passed, [(s.stage, s.status) for c in result.cases for s in c.stages if s.failed]
+    undeclared = run(tiny_golden, NumpyBackend(), tmp_path)
+    assert undeclared.cases[0].origin == "blocks.0.attn.qkv"
+    rules = [d.rule for d in undeclared.cases[0].stage("blocks.0.attn.qkv").diagnoses]
+    assert rules[0] == "precision.inputs-q8_0", rules

@@ -8,10 +8,12 @@ every tensor llama.cpp names must be accounted for.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -19,8 +21,8 @@ from backends.llamacpp_backend import (EXTRA_HINT, BLOCK_NAMES, LlamaCppBackend,
                                        is_known_name, stage_of)
 from backends.registry import list_backends
 from tracer.stages import BLOCK_STAGES, canonical_stages
+from tracer.store import StageFile
 
-TOLERANCE_FILE = Path(__file__).parents[1] / "examples" / "llamacpp_tolerance.toml"
 HAVE_LLAMA_CPP = LlamaCppBackend.availability()[0]
 needs_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed ([llamacpp] extra)")
 
@@ -92,11 +94,28 @@ def llamacpp_trace(tiny_golden, tmp_path_factory) -> Path:
     return out
 
 
-def test_llamacpp_matches_the_golden_up_to_its_fp16_gelu(run_cli, tiny_golden, llamacpp_trace, tmp_path):
-    """llama.cpp's CPU GELU is a float16 table lookup: every stage before it passes the fp32 auto
-    tolerances, and compare pins the difference on mlp.act with the fp16 hypothesis confirmed."""
+def test_llamacpp_f32_replay_passes_auto(run_cli, tiny_golden, llamacpp_trace):
+    """llama.cpp's CPU GELU is a float16 table lookup; the backend declares it, the trace says so on
+    each mlp.act, and auto tolerances judge that stage (and what it propagates) at fp16: a pass."""
+    with StageFile.open(llamacpp_trace) as t:
+        declared = {s: t.case("case0").dataset(s).attrs.get("precision") for s in t.case("case0").stages()}
+    assert {s for s, p in declared.items() if p} == {"blocks.0.mlp.act", "blocks.1.mlp.act"}
+    assert set(declared.values()) == {None, "fp16"}
+    code, out, err = run_cli("compare", tiny_golden, llamacpp_trace)
+    assert code == 0, out + err
+
+
+def test_llamacpp_gelu_is_found_as_fp16_when_not_declared(run_cli, tiny_golden, llamacpp_trace, tmp_path):
+    """Without the declaration the same trace fails exactly there: every stage before mlp.act passes the
+    fp32 auto tolerances, and compare pins the difference on it with the fp16 hypothesis confirmed."""
+    bare = tmp_path / "undeclared.h5"
+    shutil.copy(llamacpp_trace, bare)
+    with h5py.File(bare, "r+") as f:
+        for case in f["cases"].values():
+            for ds in case["stages"].values():
+                ds.attrs.pop("precision", None)
     report = tmp_path / "r.json"
-    code, out, err = run_cli("compare", tiny_golden, llamacpp_trace, "--json", report)
+    code, out, err = run_cli("compare", tiny_golden, bare, "--json", report)
     assert code == 1, out + err
     result = json.loads(report.read_text())
     assert result["origin"]["stage"] == result["first_divergence"]["stage"] == "blocks.0.mlp.act"
@@ -108,12 +127,6 @@ def test_llamacpp_matches_the_golden_up_to_its_fp16_gelu(run_cli, tiny_golden, l
         assert any(d["verdict"] == "confirmed" and "fp16" in d["bug"] for d in act["diagnoses"]), act["diagnoses"]
 
 
-def test_llamacpp_passes_with_its_tolerance_file(run_cli, tiny_golden, llamacpp_trace):
-    code, out, err = run_cli("compare", tiny_golden, llamacpp_trace, "--tolerance", TOLERANCE_FILE)
-    assert code == 0, out + err
-
-
-@needs_llama_cpp
 def test_llamacpp_names_are_all_mapped(tiny_golden):
     from tracer.store import Golden
 

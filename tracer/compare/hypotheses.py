@@ -168,7 +168,20 @@ def _precision(stage: str, ref: Reference, precision: str) -> list[Hypothesis]:
                                   f"rounded to {low}; bias added in full precision)",
                                   {"round_inputs": low, "params": {weight: _rounder(low)}, "round_product": low},
                                   family="precision"))
+    weight = ref.params_of(stage).get("weight")
+    if (local in LINEARS or local == "logits") and weight in ref.w:
+        axis = -1 if local == "logits" else 0  # the product's reduction axis of the weight
+        out.append(Hypothesis("precision.inputs-q8_0", f"{local} computed from inputs and weight quantized to "
+                              "8-bit blocks of 32 along the product (a ggml q8_0 matmul)",
+                              {"round_inputs": "q8_0", "params": {weight: _block_rounder("q8_0", axis)}},
+                              family="precision"))
     return out
+
+
+def _block_rounder(fmt: str, axis: int):
+    from tracer.compare.tolerance import quantize_blocks
+
+    return lambda a: quantize_blocks(a, fmt, axis)
 
 
 def _rounder(low: str):

@@ -36,7 +36,8 @@ def oracle_drift(case: CaseView, weights: dict[str, np.ndarray], config: dict, p
                  golden_inputs: Mapping[str, frozenset[str]] | None = None,
                  ref: Reference | None = None, golden: Callable[[str], np.ndarray] | None = None,
                  measured: Callable[[str], None] | None = None, into: OracleDrift | None = None,
-                 stage_precision: Callable[[str], str] | None = None) -> OracleDrift:
+                 stage_precision: Callable[[str], str] | None = None,
+                 quantized_input: Callable[[str], str | None] | None = None) -> OracleDrift:
     """Replay the golden with the NumPy backend, rounded to `precision`, and measure its drift.
 
     `valid_for(stage, golden_array)` gives the comparable elements of a stage. `golden_inputs`
@@ -47,7 +48,9 @@ def oracle_drift(case: CaseView, weights: dict[str, np.ndarray], config: dict, p
     in step with the replay instead of after it (a stage is then held in memory once); the drift
     goes into `into` when given, which the comparison reads as it fills. `stage_precision(stage)`
     overrides `precision` for the rounding of single stages a backend declared computed in another
-    (a correct port of that engine rounds there too).
+    (a correct port of that engine rounds there too). `quantized_input(stage)` names the block
+    format a product reading the stage quantizes it to: the replay continues with that value,
+    while the stage's own drift is measured before it.
     """
     from backends.numpy_backend import NumpyBackend
 
@@ -80,7 +83,8 @@ def oracle_drift(case: CaseView, weights: dict[str, np.ndarray], config: dict, p
                         out.inherited[stage] = row_error(rounded, check, valid_for(stage, check))[0]
         if measured is not None:
             measured(stage)
-        return rounded
+        fmt = quantized_input(stage) if quantized_input is not None else None
+        return round_to(rounded, fmt).astype(rounded.dtype) if fmt else rounded
 
     backend.forward(ids, tap, attention_mask=mask)
     return out

@@ -200,12 +200,21 @@ class Reference:
         return clone
 
     def param(self, name: str, dtype) -> np.ndarray:
-        w = self.w[name]
-        if self.weight_precision:
-            from tracer.compare.tolerance import round_to
+        return np.asarray(self._rounded(name, self.w[name]), dtype=dtype)
 
-            w = round_to(w, self.weight_precision)
-        return np.asarray(w, dtype=dtype)
+    def _rounded(self, name: str, w: np.ndarray) -> np.ndarray:
+        """A parameter (or rows of it) in `weight_precision`. A block format quantizes matrices only,
+        along the product's reduction axis: `in` of HF's Conv1D [in, out], C of wte [V, C]."""
+        if not self.weight_precision:
+            return w
+        from tracer.compare.tolerance import BLOCK_FORMATS, quantize_blocks, round_to
+
+        if self.weight_precision in BLOCK_FORMATS:
+            if np.ndim(w) != 2 or name in ("transformer.wpe.weight",):
+                return w
+            return quantize_blocks(w, self.weight_precision, axis=-1 if name.endswith(("wte.weight", "lm_head.weight"))
+                                   else 0)
+        return round_to(w, self.weight_precision)
 
     def needs_weights(self, stage: str) -> bool:
         return bool(self.params_of(stage))
@@ -227,12 +236,7 @@ class Reference:
         of all of it (300 MB) to read 256 of its rows was most of the comparison's peak memory."""
         if name in knobs.get("params", {}):
             return self._knob_param(name, dtype, knobs)[rows]
-        w = self.w[name][rows]
-        if self.weight_precision:
-            from tracer.compare.tolerance import round_to
-
-            w = round_to(w, self.weight_precision)
-        return np.asarray(w, dtype=dtype)
+        return np.asarray(self._rounded(name, self.w[name][rows]), dtype=dtype)
 
     def _knob_param(self, name: str, dtype, knobs: dict) -> np.ndarray:
         """A parameter, or what a hypothesis puts in its place: another parameter's name, or a

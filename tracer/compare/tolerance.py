@@ -50,9 +50,32 @@ PRESETS = tuple(UNIT_ROUNDOFF)
 DROPPED_BITS = {"bf16": 16, "tf32": 13}
 
 
+# Block formats of quantized matmuls (ggml): values per block along the reduction axis, largest integer.
+# A stage declared in one is a product whose operands are quantized to it; its output stays float.
+BLOCK_FORMATS = {"q8_0": (32, 127)}
+
+
+def quantize_blocks(x: np.ndarray, fmt: str, axis: int = -1) -> np.ndarray:
+    """`x` through ggml's block format `fmt` along `axis` and back, as float64 (quantize_row_q8_0):
+    each block of 32 scaled so its largest magnitude is 127, rounded to integers (to even, as the
+    SIMD path does), its scale stored as fp16. An axis not a multiple of the block stays as it is."""
+    size, top = BLOCK_FORMATS[fmt]
+    a = np.moveaxis(np.asarray(x, dtype=np.float32), axis, -1)
+    if a.shape[-1] % size:
+        return np.moveaxis(a, -1, axis).astype(np.float64)
+    b = a.reshape(*a.shape[:-1], a.shape[-1] // size, size)
+    scale = np.abs(b).max(-1, keepdims=True) / np.float32(top)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(b * np.where(scale > 0, 1 / scale, 0))
+    out = (q * scale.astype(np.float16).astype(np.float32)).reshape(a.shape)
+    return np.moveaxis(out, -1, axis).astype(np.float64)
+
+
 def round_to(x: np.ndarray, precision: str) -> np.ndarray:
     """Round values to `precision` (bf16 and tf32: fp32 with the mantissa rounded to 7 / 10 bits,
-    to nearest even), returned as float64."""
+    to nearest even; a block format along the last axis), returned as float64."""
+    if precision in BLOCK_FORMATS:
+        return quantize_blocks(x, precision)
     if precision in DROPPED_BITS:
         drop = DROPPED_BITS[precision]
         f = np.asarray(x, dtype=np.float32)
