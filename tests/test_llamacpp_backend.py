@@ -127,6 +127,7 @@ def test_llamacpp_gelu_is_found_as_fp16_when_not_declared(run_cli, tiny_golden, 
         assert any(d["verdict"] == "confirmed" and "fp16" in d["bug"] for d in act["diagnoses"]), act["diagnoses"]
 
 
+@needs_llama_cpp
 def test_llamacpp_names_are_all_mapped(tiny_golden):
     from tracer.store import Golden
 
