@@ -193,3 +193,21 @@ def test_llamacpp_f16_weights_pass_against_their_own_weights(run_cli, tiny_golde
     assert code == 0, err
     code, out, err = run_cli("compare", tiny_golden, trace, "--weights", ckpt)
     assert code == 0, out + err
+
+
+@needs_llama_cpp
+def test_llamacpp_q8_0_passes_against_its_own_weights(run_cli, tiny_golden, tmp_path):
+    """Q8_0 weights: ggml quantizes the activations of every q8_0 matmul too. The backend declares those
+    products q8_0, and judged against the GGUF's own (dequantized) weights the replay passes; with the
+    golden's float32 weights it fails where the quantized embedding first differs."""
+    ckpt, trace = tmp_path / "q8" / "model.gguf", tmp_path / "q8.h5"
+    code, _, err = run_cli("export", tiny_golden, "--format", "gguf", "--gguf-type", "q8_0", "-o", ckpt.parent, "-q")
+    assert code == 0, err
+    code, _, err = run_cli("replay", tiny_golden, "--backend", "llamacpp", "--precision", "q8_0", "-o", trace, "-q")
+    assert code == 0, err
+    with StageFile.open(trace) as t:
+        assert t.case("case0").dataset("blocks.0.attn.qkv").attrs["precision"] == "q8_0"
+    code, out, err = run_cli("compare", tiny_golden, trace, "--weights", ckpt)
+    assert code == 0, out + err
+    code, out, _ = run_cli("compare", tiny_golden, trace, "--json", tmp_path / "r.json")
+    assert code == 1 and json.loads((tmp_path / "r.json").read_text())["origin"]["stage"] == "embed.tok"
