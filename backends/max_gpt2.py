@@ -25,7 +25,7 @@ from max.experimental.tensor import Tensor
 def causal_mask(q: Tensor) -> Tensor:
     """[T, T]: 0 where the key is at or before the query, -inf after it."""
     T = q.shape[-2]
-    mask = F.broadcast_to(Tensor.constant(float("-inf"), dtype=q.dtype, device=q.device), shape=(T, T))
+    mask = F.broadcast_to(Tensor(float("-inf"), dtype=q.dtype, device=q.device), shape=(T, T))
     return F.band_part(mask, num_lower=None, num_upper=0, exclude=True)
 
 
