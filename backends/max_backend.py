@@ -13,10 +13,10 @@ names into canonical stages: module outputs through the HF module table (`transf
 blocks.0.ln1), the stages that are no module's output through inputs (`attn.c_proj.in.0` is
 attn.ctx, `ln_2.in.0` resid_mid, `mlp.c_proj.in.0` mlp.act, `h.0.in.0` embed.sum).
 
-Compiling is the slow part (minutes cold on two cores): the compiled graph is kept per process,
-keyed by the graph's own text, so cases, goldens of the same shape and repeated backends reuse it,
-and MAX keeps its compiled kernels and graphs under ~/.cache/modular, so a later process compiles
-in seconds. `max.experimental` changes between releases: this backend is written against MAX 26.7
+Compiling is the slow part (minutes cold on two cores): it happens once per prepare, every case
+runs the same compiled graph, and MAX keeps its compiled kernels and graphs under ~/.cache/modular
+($XDG_CACHE_HOME/modular), keyed by the graph's content, so the next process (or the next golden of
+the same shape) compiles in seconds while a changed module compiles anew. `max.experimental` changes between releases: this backend is written against MAX 26.7
 (the `max` extra pins it) and says so when another version is installed.
 
 Chained mode only (the graph cannot be fed golden values); right padding only (the module applies
@@ -26,7 +26,6 @@ ignores the padded rows; left padding would change what real tokens see).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
 import importlib.util
 import warnings
@@ -48,8 +47,6 @@ PINNED = "26.7"
 EXTRA_HINT = "needs the max extra: pip install 'gpt2-tracer[max]' (Modular MAX 26.7)"
 MAP = "max"  # tracer/data/maps/max.toml: [weights] to load the module, [names] to name its outputs
 CONFIG_DEFAULTS = {"n_inner": None, "layer_norm_epsilon": 1e-5}
-
-_COMPILED: dict[str, Any] = {}  # graph text digest -> compiled artifact, for the life of the process
 
 
 class MaxWarning(UserWarning):
@@ -205,7 +202,7 @@ class MaxBackend(Backend):
 
         if self.module_path == REFERENCE:
             self.check_gpt2_config(config)
-        self.n_layer, self.n_head = int(config["n_layer"]), int(config["n_head"])
+        self.n_layer = int(config["n_layer"])
         with default_device(CPU()), lazy():  # lazy: the module's own initial values are never computed
             try:
                 model = self.model_class(SimpleNamespace(**{**CONFIG_DEFAULTS, **config}))
@@ -215,50 +212,39 @@ class MaxBackend(Backend):
         self._run = self._compile(model, module_weights(params, weights, self.n_layer))
 
     def _compile(self, model: Any, weights: dict[str, np.ndarray]) -> Callable[[np.ndarray], list[np.ndarray]]:
-        """Trace once (symbolic batch and seq), compile (or reuse), bind the weights."""
-        from max import tree
-        from max.driver import Buffer
+        """Trace once (symbolic batch and seq) with every captured value a graph output, compile, bind the weights."""
         from max.dtype import DType
-        from max.experimental import compilation
-        from max.experimental.nn._weight_utils import _ExternalWeight, name_weights, shard_checkpoint
-        from max.experimental.support import _session
-        from max.experimental.tensor import Tensor
+        from max.experimental.nn import Module
         from max.graph import DeviceRef, TensorType
 
-        with step("MAX: tracing the module", 1) as advance:
-            declared = tree.map(_ExternalWeight.like, model, leaf=Tensor, shared=True)
-            name_weights(declared)
-            registry = shard_checkpoint(declared, weights)
-            capture = Capture({id(m): path for path, m in declared.descendants})
-            order: list[str] = []
+        backend = self
 
-            def traced(input_ids: Any) -> list[Any]:
+        class Traced(Module):
+            """The model, returning its logits and then the value of every stage it produces."""
+
+            def __init__(self, inner: Any) -> None:
+                super().__init__()
+                self.model = inner
+
+            def forward(self, input_ids: Any) -> list[Any]:
+                # While tracing, `self` is the copy MAX made with declared weights: its descendants are the modules called.
+                capture = Capture({id(m): path for path, m in self.model.descendants})
                 with capture.active():
-                    logits = declared(input_ids)
-                self.stages, unknown = stage_names(list(capture.values), self.n_layer)
-                order[:] = [s for s in canonical_stages(self.n_layer) if s in self.stages]
-                self.unknown = unknown
-                return [logits, *(capture.values[self.stages[s]] for s in order)]
+                    logits = self.model(input_ids)
+                backend.stages, backend.unknown = stage_names(list(capture.values), backend.n_layer)
+                backend.order = [s for s in canonical_stages(backend.n_layer) if s in backend.stages]
+                return [logits, *(capture.values[backend.stages[s]] for s in backend.order)]
 
-            ids_type = TensorType(DType.int64, ["batch", "seq"], device=DeviceRef.CPU())
-            staged = compilation.stage(traced, name=type(model).__name__)(ids_type)
+        ids_type = TensorType(DType.int64, ["batch", "seq"], device=DeviceRef.CPU())
+        with step("MAX: tracing and compiling (minutes the first time)", 1) as advance:
+            compiled = Traced(model).compile(ids_type, weights={f"model.{k}": v for k, v in weights.items()})
             advance()
-        key = hashlib.sha256(f"{_installed_version()}\n{staged}".encode()).hexdigest()
-        session = _session()
-        artifact = _COMPILED.get(key)
-        if artifact is None:
-            with step("MAX: compiling the graph (minutes the first time)", 1) as advance:
-                artifact = _COMPILED[key] = session.compile(staged.graph)
-                advance()
-        with step("MAX: loading the golden's weights", 1) as advance:
-            engine = session.init(artifact, weights_registry=registry)
-            advance()
-        self.order = list(order)
         self.warn_unmapped()
 
         def run(ids: np.ndarray) -> list[np.ndarray]:
-            outputs = engine(Buffer.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)))
-            return [o.to_numpy() for o in outputs]
+            from max.experimental.tensor import Tensor
+
+            return [t.to_numpy() for t in compiled(Tensor.from_dlpack(np.ascontiguousarray(ids, dtype=np.int64)))]
 
         return run
 
