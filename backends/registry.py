@@ -1,7 +1,8 @@
 """Backend registry: turn `--backend SPEC` into a backend instance (SPEC §5).
 
-SPEC is a built-in name (`numpy`, `cupy`, `triton`, `llamacpp`), a name registered by another package
-under the entry-point group `tracer.backends`, a `package.module:Class` path, or
+SPEC is a built-in name (`numpy`, `cupy`, `triton`, `llamacpp`, `max`), a name registered by another package
+under the entry-point group `tracer.backends`, a `package.module:Class` path,
+`max:package.module:Class` (a Modular MAX module run by the `max` backend), or
 `exec:CMD` (an external program that writes the whole trace). Built-ins are registered by
 dotted path and imported only when used, so a machine without cupy or triton still lists
 and runs the others, and says why those cannot run.
@@ -33,7 +34,8 @@ BUILTINS = {
     "max": "backends.max_backend:MaxBackend",
 }
 # Built-ins whose engine comes with an optional extra (pip install 'gpt2-tracer[EXTRA]').
-EXTRAS = {"llamacpp": "llamacpp"}
+EXTRAS = {"llamacpp": "llamacpp", "max": "max"}
+MAX_PREFIX = "max:"  # max:package.module:Class, a MAX module for the max backend
 ENTRY_POINT_GROUP = "tracer.backends"
 
 
@@ -57,9 +59,14 @@ def _checked(obj: object, what: str) -> type[Backend]:
 
 def load_class(path: str) -> type[Backend]:
     """Import `package.module:Class` and check that it is a Backend."""
+    return _checked(import_attr(path), path)
+
+
+def import_attr(path: str) -> object:
+    """Import `package.module:Name` (installed, or a package under the current directory)."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise TracerError(f"backend path {path!r} must look like package.module:Class")
+        raise TracerError(f"path {path!r} must look like package.module:Class")
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # a package in the current directory, as `python -m` finds it (installed ones win)
     try:
@@ -72,7 +79,7 @@ def load_class(path: str) -> type[Backend]:
         raise TracerError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from None
     if not hasattr(module, attr):
         raise TracerError(f"module {module_name} has no {attr!r}")
-    return _checked(getattr(module, attr), path)
+    return getattr(module, attr)
 
 
 def _load_entry_point(ep: md.EntryPoint) -> type[Backend]:
@@ -93,6 +100,8 @@ def backend_class(spec: str) -> type[Backend] | type[ExecBackend]:
         return ExecBackend
     if spec in BUILTINS:
         return load_class(BUILTINS[spec])
+    if spec.startswith(MAX_PREFIX):
+        return load_class(BUILTINS["max"]).for_module(spec[len(MAX_PREFIX):])  # type: ignore[attr-defined]
     entry_points = _entry_points()
     if spec in entry_points:
         return _load_entry_point(entry_points[spec])

@@ -160,13 +160,6 @@ def test_llamacpp_refuses_isolated_mode(run_cli, tiny_golden, tmp_path):
     assert code == 2 and "--mode chained" in err and not out.exists()
 
 
-def test_max_is_listed_and_refused_with_the_reason(run_cli, tiny_golden, tmp_path):
-    info = {i.name: i for i in list_backends()}["max"]
-    assert not info.available and "not implemented" in info.why
-    code, _, err = run_cli("replay", tiny_golden, "--backend", "max", "-o", tmp_path / "t.h5")
-    assert code == 2 and "not implemented" in err
-
-
 def test_gguf_weight_types(tiny_golden, tmp_path):
     gguf = pytest.importorskip("gguf")
     from tracer.export_gguf import write_gguf
