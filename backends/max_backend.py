@@ -16,8 +16,9 @@ attn.ctx, `ln_2.in.0` resid_mid, `mlp.c_proj.in.0` mlp.act, `h.0.in.0` embed.sum
 Compiling is the slow part (minutes cold on two cores): it happens once per prepare, every case
 runs the same compiled graph, and MAX keeps its compiled kernels and graphs under ~/.cache/modular
 ($XDG_CACHE_HOME/modular), keyed by the graph's content, so the next process (or the next golden of
-the same shape) compiles in seconds while a changed module compiles anew. `max.experimental` changes between releases: this backend is written against MAX 26.7
-(the `max` extra pins it) and says so when another version is installed.
+the same shape) compiles in seconds while a changed module compiles anew. `max.experimental` changes
+between releases: this backend is written against MAX 26.7 (the `max` extra pins it) and says so
+when another version is installed.
 
 Chained mode only (the graph cannot be fed golden values); right padding only (the module applies
 a causal mask, which keeps real tokens from seeing the padding after them, and the comparator
