@@ -103,11 +103,18 @@ def scores(q, k, scale, allowed, *, swap_qk=False):
     return s
 
 
-def softmax(s, axis=-1, *, subtract_max=True):
-    m = np.max(s, axis=axis, keepdims=True) if subtract_max else 0.0
+def softmax(s, axis=-1, *, subtract_max=True, allowed=None):
+    """Softmax along `axis`; with `allowed` (broadcastable bool) the other entries are masked out,
+    whatever `s` holds there."""
+    m = np.max(s, axis=axis, keepdims=True, where=True if allowed is None else allowed,
+               initial=-np.inf) if subtract_max else 0.0
     with np.errstate(over="ignore", invalid="ignore"):
-        e = np.exp(s - m)
-        return e / e.sum(axis=axis, keepdims=True)
+        e = np.subtract(s, m)  # one new array, masked, exponentiated and normalized in place
+        if allowed is not None:
+            np.copyto(e, -np.inf, where=~np.broadcast_to(allowed, e.shape))
+        np.exp(e, out=e)
+        e /= e.sum(axis=axis, keepdims=True)
+        return e
 
 
 MERGE_ORDER = (2, 1, 3)  # [B,H,T,D] -> memory order [T, H, D], read as [T, C]
@@ -304,9 +311,8 @@ class Reference:
             return scores(get(f"blocks.{i}.attn.q"), get(f"blocks.{i}.attn.k"),
                           knobs.get("scale", s.attn_scale(i)), allowed, swap_qk=knobs.get("swap_qk", False))
         if local == "attn.probs":
-            sc = get(f"blocks.{i}.attn.scores")
-            sc = np.where(allowed_mask(mask), sc, -np.inf)  # masked by position, whatever fill the port used
-            return softmax(sc, axis=knobs.get("axis", -1))
+            # masked by position, whatever fill the port used
+            return softmax(get(f"blocks.{i}.attn.scores"), axis=knobs.get("axis", -1), allowed=allowed_mask(mask))
         if local == "attn.ctx":
             probs = get(f"blocks.{i}.attn.probs")
             if knobs.get("transpose_probs"):
