@@ -228,7 +228,8 @@ class MaxBackend(Backend):
                 self.model = inner
 
             def forward(self, input_ids: Any) -> list[Any]:
-                # While tracing, `self` is the copy MAX made with declared weights: its descendants are the modules called.
+                # While tracing, `self` is the copy MAX made with declared weights: its descendants are the
+                # modules called.
                 capture = Capture({id(m): path for path, m in self.model.descendants})
                 with capture.active():
                     logits = self.model(input_ids)
@@ -251,7 +252,8 @@ class MaxBackend(Backend):
 
     def forward(self, input_ids: np.ndarray, tap: Tap, attention_mask: np.ndarray | None = None) -> np.ndarray:
         if getattr(tap, "teacher_forced", False):
-            raise TracerError("max runs the compiled MAX graph whole, which cannot be fed golden values: use --mode chained")
+            raise TracerError("max runs the compiled MAX graph whole, which cannot be fed golden values: "
+                              "use --mode chained")
         if attention_mask is not None and not _right_padded(attention_mask):
             raise TracerError("max: the MAX module applies only a causal mask, so only right-padded batches replay "
                               "(this golden has left padding or holes in its attention_mask)")

@@ -211,7 +211,8 @@ class _CaseComparison:
             for s in canonical_stages(n_layer):
                 for source in stage_inputs(s, n_layer):
                     self._consumers.setdefault(source, []).append(s)
-        return next((p for s in self._consumers.get(stage, []) if (p := self.precision_of(s)) in BLOCK_FORMATS), None)
+        declared = (self.precision_of(s) for s in self._consumers.get(stage, []))
+        return next((p for p in declared if p in BLOCK_FORMATS), None)
 
     def noise_ref(self, precision: str) -> Reference:
         """The noise twin of a precision: inputs jittered by its rounding unit, weights rounded to it
@@ -322,7 +323,8 @@ class _CaseComparison:
                         substituted[stage] = golden_inputs
         oracle_drift(self.g, self.weights, self.config, self.precision, self.valid_for, substituted, self.ref,
                      golden=self.golden_value, measured=measured, into=drift,
-                     stage_precision=lambda s: self.judged_at(self.precision_of(s)), quantized_input=self.quantized_input)
+                     stage_precision=lambda s: self.judged_at(self.precision_of(s)),
+                     quantized_input=self.quantized_input)
 
     def _golden_nonfinite(self, stage: str, g: np.ndarray) -> int:
         rows = np.broadcast_to(self.rows_for(stage, g), g.shape)
@@ -378,8 +380,8 @@ class _CaseComparison:
                 res.error = float("inf")
         res.drift = drift.chained.get(stage) if drift else None
         local_rows, evidence = self._local_check(stage, res, c, g, drift)
-        res.tolerance = self.options.tolerances.chained_tolerance(stage, res.drift, self.judged_at(self.precision_of(stage)),
-                                                                  res.local_tolerance)
+        res.tolerance = self.options.tolerances.chained_tolerance(
+            stage, res.drift, self.judged_at(self.precision_of(stage)), res.local_tolerance)
         res.metrics = stage_metrics(g, c, valid, res.tolerance, mask_mismatch, sums)
         res.fails_chained = not res.error <= res.tolerance
         if res.metrics.first_nonfinite is not None:
@@ -476,8 +478,8 @@ class _CaseComparison:
                 del noisy
             if res.derived:
                 res.local_noise = max(res.local_noise, self._derivation_noise(stage, g, valid_local))
-        res.local_tolerance = self.options.tolerances.local_tolerance(stage, res.local_noise, self.judged_at(precision),
-                                                                      inherited)
+        res.local_tolerance = self.options.tolerances.local_tolerance(
+            stage, res.local_noise, self.judged_at(precision), inherited)
         res.fails_local = not res.local_error <= res.local_tolerance
         if not res.fails_local:
             return local_rows, None
@@ -496,12 +498,12 @@ class _CaseComparison:
 
         Each block draws the noise twin's jitter from the same stream, in order, so a stage with
         one input (the logits, a matmul, a norm) sees exactly the jitter a whole evaluation would."""
-        local = split_stage(stage)[1]
-        if local not in TOKEN_WISE or cand.size <= ROW_BLOCK:
+        name = split_stage(stage)[1]
+        if name not in TOKEN_WISE or cand.size <= ROW_BLOCK:
             return None
-        precision = self.precision_of(stage)
-        if local == "logits":
+        if name == "logits":
             return self._logits_check(cand, inputs, valid)
+        precision = self.precision_of(stage)
         arrays = {n: inputs(n) for n in stage_inputs(stage, self.ref.spec.n_layer)}
         if any(a.shape[:-1] != cand.shape[:-1] for a in arrays.values()):
             return None
@@ -553,5 +555,6 @@ class _CaseComparison:
         except KeyError:
             return []
         ev = StageEvidence(stage, c, reference, Lookup(self.golden_value), self.ids, self.mask, valid,
-                           self.rows_for(stage, g), res.error, res.tolerance, self.judged_at(self.precision_of(stage)))
+                           self.rows_for(stage, g), res.error, res.tolerance,
+                           self.judged_at(self.precision_of(stage)))
         return diagnose(ev, self.ref)
