@@ -37,11 +37,12 @@ from tracer.compare.metrics import (
     valid_mask,
 )
 from tracer.compare.oracle import OracleDrift, oracle_drift
+from tracer.compare.precisions import StagePrecisions
 from tracer.compare.reference import Lookup, Reference, allowed_mask
 from tracer.compare.result import CaseResult, CompareResult, StageResult
-from tracer.compare.tolerance import BLOCK_FORMATS, UNIT_ROUNDOFF, Tolerances, precision_of, round_to
+from tracer.compare.tolerance import Tolerances, precision_of, round_to
 from tracer.errors import TracerError
-from tracer.stages import StageSelector, canonical_stages, layout_of, split_stage, stage_inputs
+from tracer.stages import StageSelector, layout_of, split_stage, stage_inputs
 from tracer.store import WHOLE_UNDER_SUBSET, CaseView, StageFile
 
 # Stages computed row by row (token by token) from same-shaped rows of their inputs.
@@ -167,15 +168,13 @@ class _CaseComparison:
             recorded = np.zeros(self.mask.shape[1], dtype=bool)
             recorded[self.kept] = True
             self.compared = self.compared & recorded
-        self._noise_refs: dict[str, Reference] = {}
-        self._precisions: dict[str, str] = {}
-        self._consumers: dict[str, list[str]] | None = None
         self.isolated = bool(trace.stages("isolated"))
         # An isolated-only trace has no chained values: its teacher-forced values stand in for them.
         self.group = "stages" if trace.stages("stages") or not self.isolated else "isolated"
         self.g_cache: dict[str, np.ndarray] = {}
         self.cand = CandidateStages(trace, self.group, golden, self.golden_value, ref, self.ids, self.mask,
                                     weights is not None)
+        self.precisions = StagePrecisions(trace, self.group, self.cand.dumped, precision, ref, self.ids, self.mask)
 
     # -- helpers ----------------------------------------------------------------------------
     def _tokens_of(self, stage: str) -> np.ndarray:
@@ -188,51 +187,6 @@ class _CaseComparison:
 
     def rows_for(self, stage: str, array: np.ndarray) -> np.ndarray:
         return valid_mask(layout_of(stage), array.shape, self._tokens_of(stage), None)
-
-    def precision_of(self, stage: str) -> str:
-        """The candidate's precision at `stage`: the trace's, unless its backend declared the stage
-        computed in another (the dataset's `precision` attribute: llama.cpp's GELU is an fp16 table)."""
-        if stage not in self._precisions:
-            declared = self.t.dataset(stage, self.group).attrs.get("precision") if self.cand.dumped(stage) else None
-            known = declared in UNIT_ROUNDOFF or declared in BLOCK_FORMATS
-            self._precisions[stage] = declared if known else self.precision
-        return self._precisions[stage]
-
-    def judged_at(self, precision: str) -> str:
-        """The precision tolerances use: a block-quantized product stores its output in the trace's."""
-        return self.precision if precision in BLOCK_FORMATS else precision
-
-    def quantized_input(self, stage: str) -> str | None:
-        """The block format `stage` is quantized to where the product reading it was declared in one
-        (llama.cpp's q8_0 matmuls quantize their activations): the oracle continues with that value."""
-        if self._consumers is None:
-            n_layer = self.ref.spec.n_layer
-            self._consumers = {}
-            for s in canonical_stages(n_layer):
-                for source in stage_inputs(s, n_layer):
-                    self._consumers.setdefault(source, []).append(s)
-        declared = (self.precision_of(s) for s in self._consumers.get(stage, []))
-        return next((p for p in declared if p in BLOCK_FORMATS), None)
-
-    def noise_ref(self, precision: str) -> Reference:
-        """The noise twin of a precision: inputs jittered by its rounding unit, weights rounded to it
-        when it is narrower than fp32 (to the block format for a quantized product)."""
-        if precision not in self._noise_refs:
-            low = precision not in ("fp32", "fp64")
-            self._noise_refs[precision] = self.ref.jittered(UNIT_ROUNDOFF[self.judged_at(precision)],
-                                                            weight_precision=precision if low else None)
-        return self._noise_refs[precision]
-
-    def noisy(self, stage: str, inputs, precision: str, twin: Reference | None = None, **knobs) -> np.ndarray:
-        """The stage as a correct implementation of `precision` computes it from `inputs`: the noise
-        twin in float32, rounded as that precision stores it. A block format quantizes the product's
-        operands (`round_inputs`) and stores its output in the trace's precision."""
-        twin = twin or self.noise_ref(precision)
-        if precision in BLOCK_FORMATS:
-            knobs["round_inputs"] = precision
-        out = twin.evaluate(stage, inputs, self.ids, self.mask, np.float32, **knobs)
-        judged = self.judged_at(precision)
-        return out if judged == "fp32" and out.dtype == np.float32 else round_to(out, judged)  # fp32: as it is
 
     def golden_value(self, name: str) -> np.ndarray:
         if name not in self.g_cache:
@@ -323,8 +277,8 @@ class _CaseComparison:
                         substituted[stage] = golden_inputs
         oracle_drift(self.g, self.weights, self.config, self.precision, self.valid_for, substituted, self.ref,
                      golden=self.golden_value, measured=measured, into=drift,
-                     stage_precision=lambda s: self.judged_at(self.precision_of(s)),
-                     quantized_input=self.quantized_input)
+                     stage_precision=lambda s: self.precisions.judged(s),
+                     quantized_input=self.precisions.quantized_input)
 
     def _golden_nonfinite(self, stage: str, g: np.ndarray) -> int:
         rows = np.broadcast_to(self.rows_for(stage, g), g.shape)
@@ -381,7 +335,7 @@ class _CaseComparison:
         res.drift = drift.chained.get(stage) if drift else None
         local_rows, evidence = self._local_check(stage, res, c, g, drift)
         res.tolerance = self.options.tolerances.chained_tolerance(
-            stage, res.drift, self.judged_at(self.precision_of(stage)), res.local_tolerance)
+            stage, res.drift, self.precisions.judged(stage), res.local_tolerance)
         res.metrics = stage_metrics(g, c, valid, res.tolerance, mask_mismatch, sums)
         res.fails_chained = not res.error <= res.tolerance
         if res.metrics.first_nonfinite is not None:
@@ -456,7 +410,7 @@ class _CaseComparison:
                 lookup = self.candidate_input
                 res.local_source = "chained inputs" + ("" if "derived" not in sources.values() else " (some derived)")
         inputs = Lookup(lookup)
-        precision = self.precision_of(stage)
+        precision = self.precisions.precision_of(stage)
         reference = None
         with np.errstate(all="ignore"):
             valid_local, rows = self.valid_for(stage, cand), self.rows_for(stage, cand)
@@ -465,7 +419,7 @@ class _CaseComparison:
                 res.local_error, local_rows, res.local_noise = blockwise
             else:
                 reference = self.ref.evaluate(stage, inputs, self.ids, self.mask, np.float64)
-                noisy = self.noisy(stage, inputs, precision)
+                noisy = self.precisions.noisy(stage, inputs, precision)
                 if split_stage(stage)[1] == "attn.scores":  # a differently masked row is infinitely wrong
                     res.local_error, local_rows = row_error(cand, reference, valid_local)
                     mask_rows = (np.broadcast_to(rows, cand.shape) & (is_masked(cand) != is_masked(reference))).any(-1)
@@ -479,7 +433,7 @@ class _CaseComparison:
             if res.derived:
                 res.local_noise = max(res.local_noise, self._derivation_noise(stage, g, valid_local))
         res.local_tolerance = self.options.tolerances.local_tolerance(
-            stage, res.local_noise, self.judged_at(precision), inherited)
+            stage, res.local_noise, self.precisions.judged_at(precision), inherited)
         res.fails_local = not res.local_error <= res.local_tolerance
         if not res.fails_local:
             return local_rows, None
@@ -488,7 +442,8 @@ class _CaseComparison:
                 reference = self.ref.evaluate(stage, inputs, self.ids, self.mask, np.float64)
         derived = frozenset(n for n, src in (res.inputs or {}).items() if src == "derived")
         return local_rows, StageEvidence(stage, cand, reference, inputs, self.ids, self.mask, valid_local, rows,
-                                         res.local_error, res.local_tolerance, self.judged_at(precision), derived)
+                                         res.local_error, res.local_tolerance, self.precisions.judged_at(precision),
+                                         derived)
 
     def _blockwise_check(self, stage: str, cand: np.ndarray, inputs: Lookup,
                          valid: np.ndarray) -> tuple[float, np.ndarray, float] | None:
@@ -503,7 +458,7 @@ class _CaseComparison:
             return None
         if name == "logits":
             return self._logits_check(cand, inputs, valid)
-        precision = self.precision_of(stage)
+        precision = self.precisions.precision_of(stage)
         arrays = {n: inputs(n) for n in stage_inputs(stage, self.ref.spec.n_layer)}
         if any(a.shape[:-1] != cand.shape[:-1] for a in arrays.values()):
             return None
@@ -513,7 +468,7 @@ class _CaseComparison:
         for s in row_blocks(c.shape[0], max(c.shape[1], max(a.shape[1] for a in flat.values()))):
             block = Lookup(lambda n, s=s: flat[n][s][None])
             reference = self.ref.evaluate(stage, block, self.ids, self.mask, np.float64)[0]
-            noisy = self.noisy(stage, block, precision)[0]
+            noisy = self.precisions.noisy(stage, block, precision)[0]
             noise.add(noisy, reference, v[s], ref_sq=local.add(c[s], reference, v[s]))
         error, rows = local.error(cand.shape[:-1])
         return error, rows, noise.error(cand.shape[:-1])[0]
@@ -522,13 +477,14 @@ class _CaseComparison:
         """`_blockwise_check` of the logits, in blocks of the vocabulary (blocks of tokens would cast
         all of wte to float64 once per block). The noise twin's input is jittered once, up front."""
         x = inputs("final.ln")
-        precision = self.precision_of("logits")
-        jittered, steady = self.noise_ref(precision).perturb(x, np.float32), self.noise_ref(precision).steady()
+        precision = self.precisions.precision_of("logits")
+        twin = self.precisions.noise_ref(precision)
+        jittered, steady = twin.perturb(x, np.float32), twin.steady()
         c, v = as_rows(cand, cand.shape), as_rows(valid, cand.shape)
         local, noise = RowSums(), RowSums()
         for k, cols in enumerate(row_blocks(c.shape[1], c.shape[0])):
             reference = self.ref.evaluate("logits", {"final.ln": x}, self.ids, self.mask, np.float64, vocab=cols)
-            noisy = self.noisy("logits", {"final.ln": jittered}, precision, twin=steady, vocab=cols)
+            noisy = self.precisions.noisy("logits", {"final.ln": jittered}, precision, twin=steady, vocab=cols)
             reference, noisy = (a.reshape(-1, a.shape[-1]) for a in (reference, noisy))
             ref_sq = local.add(c[:, cols], reference, v[:, cols], same_rows=k > 0)
             noise.add(noisy, reference, v[:, cols], same_rows=k > 0, ref_sq=ref_sq)
@@ -541,9 +497,9 @@ class _CaseComparison:
         d = self.cand.derivation(stage)
         if d is None or d.exact:
             return 0.0
-        precision = self.precision_of(stage)
-        rounded = lambda n: round_to(self.noise_ref(precision).perturb(self.golden_value(n)),  # noqa: E731
-                                     self.judged_at(precision))
+        precision = self.precisions.precision_of(stage)
+        rounded = lambda n: round_to(self.precisions.noise_ref(precision).perturb(self.golden_value(n)),  # noqa: E731
+                                     self.precisions.judged_at(precision))
         return row_error(self.cand.derive(stage, d, rounded), g, valid)[0]
 
     def _diagnose_chained(self, stage: str, c: np.ndarray, g: np.ndarray, valid: np.ndarray, res: StageResult):
@@ -556,5 +512,5 @@ class _CaseComparison:
             return []
         ev = StageEvidence(stage, c, reference, Lookup(self.golden_value), self.ids, self.mask, valid,
                            self.rows_for(stage, g), res.error, res.tolerance,
-                           self.judged_at(self.precision_of(stage)))
+                           self.precisions.judged(stage))
         return diagnose(ev, self.ref)
