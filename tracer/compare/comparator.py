@@ -101,7 +101,7 @@ def compare(golden: StageFile, trace: StageFile, options: CompareOptions,
 
     BLAS runs on one thread meanwhile: the comparison's products are small to medium and come
     between element-wise passes, where an idle OpenBLAS thread spins. On 2 cores (gpt2, T=256)
-    two threads cost 1.7x the CPU time for 3% less wall time."""
+    two threads cost 1.7x the CPU time for 2% less wall time."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
