@@ -192,12 +192,9 @@ class _CaseComparison:
         if name not in self.g_cache:
             value, kept = self.g.read(name), self.g.positions(name)
             if kept is not None:  # back to full length, NaN at the rows not recorded (never compared)
-                axis = layout_of(name).index("T")
-                shape = list(value.shape)
-                shape[axis] = self.mask.shape[1]
-                full = np.full(shape, np.nan, dtype=value.dtype)
-                index = [slice(None)] * len(shape)
-                index[axis] = kept
+                full = np.full(self.g.full_shape(name), np.nan, dtype=value.dtype)
+                index = [slice(None)] * full.ndim
+                index[layout_of(name).index("T")] = kept
                 full[tuple(index)] = value
                 value = full
             self.g_cache[name] = value
@@ -336,7 +333,7 @@ class _CaseComparison:
         local_rows, evidence = self._local_check(stage, res, c, g, drift)
         res.tolerance = self.options.tolerances.chained_tolerance(
             stage, res.drift, self.precisions.judged(stage), res.local_tolerance)
-        res.metrics = stage_metrics(g, c, valid, res.tolerance, mask_mismatch, sums)
+        res.metrics = stage_metrics(g, c, valid, res.tolerance, sums, mask_mismatch)
         res.fails_chained = not res.error <= res.tolerance
         if res.metrics.first_nonfinite is not None:
             res.fails_chained = True
@@ -355,9 +352,8 @@ class _CaseComparison:
             elif res.local_error is None:  # no introduced-error check was possible: test against the golden
                 res.diagnoses = self._diagnose_chained(stage, c, g, valid, res)
         res.tables = first8_tables(stage, g, shown if self.t.is_partial(stage) else c, valid, per_row,
-                                   res.tolerance, self.options.token,
-                                   first=0 if self.kept is None else int(self.kept[0]),
-                                   golden_rms=float(np.sqrt(sums[0] / max(res.metrics.n_compared, 1))))
+                                   res.tolerance, float(np.sqrt(sums[0] / max(res.metrics.n_compared, 1))),
+                                   self.options.token, first=0 if self.kept is None else int(self.kept[0]))
         return res
 
     def _scores_masking(self, stage: str, c: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, int, str | None]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from tracer.compare.metrics import rms
 from tracer.compare.result import First8, StageResult
 from tracer.stages import layout_of, split_stage, stage_inputs
 
@@ -166,10 +165,10 @@ def _widths(C: int) -> list[int]:
 
 
 def first8_tables(stage: str, g: np.ndarray, c: np.ndarray, valid: np.ndarray, per_row: np.ndarray,
-                  tolerance: float, token: int | None, first: int = 0, golden_rms: float | None = None) -> list[First8]:
+                  tolerance: float, golden_rms: float, token: int | None, first: int = 0) -> list[First8]:
     """First 8 values at token `first` (0, or the first one a --tokens golden kept), the worst token,
     and `token` if asked (query rows for attention). `golden_rms`: the RMS of the compared golden
-    values, when the caller has it."""
+    values, the scale of the out-of-tolerance marks."""
     layout = layout_of(stage)
     finite_rows = np.where(np.isfinite(per_row), per_row, np.finfo(np.float64).max)
     worst = np.unravel_index(int(np.argmax(finite_rows)), per_row.shape)
@@ -182,7 +181,6 @@ def first8_tables(stage: str, g: np.ndarray, c: np.ndarray, valid: np.ndarray, p
     if token is not None and 0 <= token < T:
         picks.append((0, 0 if wh is not None else None, token))
     tables, seen = [], set()
-    scale_rms = rms(g, valid) if golden_rms is None else golden_rms
     for b, h, t in picks:
         if (b, h, t) in seen:
             continue
@@ -195,7 +193,7 @@ def first8_tables(stage: str, g: np.ndarray, c: np.ndarray, valid: np.ndarray, p
             d = cs - gs
             both_masked = np.isneginf(gs) & np.isneginf(cs)
             d = np.where(both_masked, 0.0, d)
-            scale = np.where(np.isfinite(gs), np.maximum(np.abs(gs), scale_rms), scale_rms)
+            scale = np.where(np.isfinite(gs), np.maximum(np.abs(gs), golden_rms), golden_rms)
             out = ~(np.abs(d) <= tolerance * scale)
         tables.append(First8(token=t, batch=b, head=h, golden=gs.tolist(), candidate=cs.tolist(),
                              diff=d.tolist(), out_of_tolerance=(out & ~both_masked).tolist()))

@@ -114,16 +114,6 @@ class RowSums:
         return float(per_row.max(initial=0.0)), per_row.reshape(shape)
 
 
-def rms(values: np.ndarray, valid: np.ndarray) -> float:
-    """Root mean square of the valid elements, a block of rows at a time."""
-    x, v = as_rows(values, np.shape(values)), as_rows(valid, np.shape(values))
-    total, n = 0.0, 0
-    for s in row_blocks(*x.shape):
-        sel = x[s][v[s]]
-        total, n = total + float(_sum_sq(sel)) if sel.size else total, n + sel.size
-    return float(np.sqrt(total / n)) if n else 0.0
-
-
 def _row_sums(reference: np.ndarray, valid: np.ndarray, *candidates: np.ndarray) -> tuple[tuple, list[RowSums]]:
     shape = np.broadcast_shapes(np.shape(reference), *(np.shape(c) for c in candidates))
     r, v = as_rows(reference, shape), as_rows(valid, shape)
@@ -186,10 +176,10 @@ def _finite_or_none(x: float) -> float:
 
 
 def stage_metrics(golden: np.ndarray, candidate: np.ndarray, valid: np.ndarray, tolerance: float,
-                  masked_mismatch: int = 0, sums: tuple[float, float] | None = None) -> StageMetrics:
+                  sums: tuple[float, float], masked_mismatch: int = 0) -> StageMetrics:
     """Metrics over valid elements. Mismatch % uses the stage's tolerance elementwise:
-    |c - g| > tolerance * max(|g|, RMS(g)). `sums` = (Σ g², Σ (c − g)²) when already known
-    (`row_error_and_sums`).
+    |c - g| > tolerance * max(|g|, RMS(g)). `sums` = (Σ g², Σ (c − g)²) over them, as
+    `row_error_and_sums` gives them with the row error.
 
     Two passes over blocks of rows (the second needs RMS(g) and max|g|), so no temporary is
     larger than a block even for the logits of a long sequence."""
@@ -197,15 +187,13 @@ def stage_metrics(golden: np.ndarray, candidate: np.ndarray, valid: np.ndarray, 
     work = _work_dtype(golden, candidate)
     g, c, v = as_rows(golden, shape), as_rows(candidate, shape), as_rows(valid, shape)
     blocks = row_blocks(*g.shape)
-    n, sig, g_max, first_bad = 0, 0.0, 0.0, None
+    n, g_max, first_bad = 0, 0.0, None
     for s in blocks:
         vb = v[s]
         every = bool(vb.all())
         sel_g = g[s].ravel() if every else g[s][vb]
         n += sel_g.size
         if sel_g.size:
-            if sums is None:
-                sig += float(_sum_sq(sel_g))
             g_max = max(g_max, float(np.max(np.abs(sel_g))))
         if first_bad is None:
             bad = ~np.isfinite(c[s]) & vb & np.isfinite(g[s])
@@ -214,12 +202,11 @@ def stage_metrics(golden: np.ndarray, candidate: np.ndarray, valid: np.ndarray, 
     first_nonfinite = None if first_bad is None else [int(i) for i in np.unravel_index(first_bad, shape)]
     if n == 0:
         return StageMetrics(0, 0, 0, 0, 0, 1, float("inf"), 0, 0, [], 0, 0, first_nonfinite, masked_mismatch)
-    if sums is not None:
-        sig = sums[0]
+    sig, noise = sums
     rms_g = float(np.sqrt(sig / n))
     floor = max(1e-6 * g_max, 1e-30)
     max_abs = max_rel = np.float64(0.0)
-    sum_abs = noise = gd = 0.0
+    sum_abs = gd = 0.0
     mismatch, worst, worst_at = 0, -np.inf, 0
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         for s in blocks:
@@ -239,16 +226,12 @@ def stage_metrics(golden: np.ndarray, candidate: np.ndarray, valid: np.ndarray, 
                 worst, worst_at = ad_full[k], s.start * g.shape[1] + k
             max_abs = np.maximum(max_abs, np.max(ad))
             sum_abs += float(np.add.reduce(ad, dtype=np.float64))
-            if sums is None:
-                noise += float(_sum_sq(d))
             gd += float(_sum_sq(sel_g, d))
             abs_g = np.abs(sel_g)
             max_rel = np.maximum(max_rel, np.max(ad / np.maximum(abs_g, floor)))
             np.maximum(abs_g, rms_g, out=abs_g)
             abs_g *= tolerance
             mismatch += np.count_nonzero(~(ad <= abs_g))  # NaN and Inf differences count as mismatches
-        if sums is not None:
-            noise = sums[1]
         # c = g + d: c·g = Σg² + Σg·d and |c|² = Σg² + 2Σg·d + Σd², from sums already made
         denom = float(np.sqrt(max(sig + 2 * gd + noise, 0.0)) * np.sqrt(sig))
         cosine = float((sig + gd) / denom) if denom > 0 else (1.0 if noise == 0 else 0.0)

@@ -217,7 +217,7 @@ class Reference:
         from tracer.compare.tolerance import BLOCK_FORMATS, quantize_blocks, round_to
 
         if self.weight_precision in BLOCK_FORMATS:
-            if np.ndim(w) != 2 or name in ("transformer.wpe.weight",):
+            if np.ndim(w) != 2 or name == "transformer.wpe.weight":
                 return w
             return quantize_blocks(w, self.weight_precision, axis=-1 if name.endswith(("wte.weight", "lm_head.weight"))
                                    else 0)
