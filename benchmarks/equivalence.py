@@ -21,30 +21,6 @@ from pathlib import Path
 TOLERANCE_SLACK = 0.01  # tolerances may differ by this share (the goal: equal to within 1%)
 
 
-def _gpt2_shape(layers: int):
-    from transformers import GPT2LMHeadModel
-
-    from tracer.models import LoadedModel, byte_decode, byte_encode
-    from tracer.synth import random_config, realistic_init_
-
-    model = GPT2LMHeadModel(random_config("gpt2", n_layer=layers))
-    realistic_init_(model, 0)
-    return LoadedModel(model.eval(), f"random:gpt2 (n_layer={layers})", "bytes", byte_encode, byte_decode)
-
-
-def _goldens(work: Path) -> dict[str, Path]:
-    from tracer.models import load_model
-    from tracer.record import build_cases, record_golden
-
-    out = {}
-    for name, loaded, ids in (("tiny", load_model("tiny"), None), ("gpt2", _gpt2_shape(4), list(range(300, 332)))):
-        out[name] = work / f"{name}.h5"
-        cases = build_cases(loaded, ["The engineer printed every tensor"] if ids is None else [], [ids] if ids else [],
-                            batch=False)
-        record_golden(loaded, cases, str(out[name]), dtype="fp32", attn="eager")
-    return out
-
-
 def summary(result) -> dict:
     """What must not change: verdict, divergence, origin, diagnosis; per stage status and tolerances."""
     case = next((c for c in result.cases if c.origin), result.cases[0])
@@ -71,7 +47,9 @@ def run_catalog(work: Path) -> dict[str, dict]:
     from tracer.replay import replay
     from tracer.store import StageFile
 
-    golden = _goldens(work)
+    from scripts.bug_table import goldens  # the bug tables' goldens: tiny and a 4-layer gpt2 shape
+
+    golden = goldens(4, work)
     out: dict[str, dict] = {}
 
     def backend_run(name: str, g: Path, bug: str | None, mode: str) -> None:
