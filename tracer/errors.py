@@ -10,6 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 class TracerError(Exception):
@@ -53,3 +56,22 @@ def os_error_reason(exc: BaseException) -> str:
 def io_error(action: str, path: str | os.PathLike, exc: BaseException) -> TracerError:
     """`cannot <action> <path>: <reason>` as a TracerError, ready to raise ... from None."""
     return TracerError(f"cannot {action} {path}: {os_error_reason(exc)}")
+
+
+def read_parsed(path: Path, parse: Callable[[str], Any], invalid: Callable[[Exception], str],
+                missing: str | None = None) -> Any:
+    """`parse` (json.loads, tomllib.loads) of the UTF-8 text file `path`, or one line: `missing` when
+    there is no such path (None: the OS's words), `invalid(error)` when it is not UTF-8 or does not
+    parse, and the OS's reason when it cannot be read (a directory, no permission)."""
+    if missing is not None and not path.exists():
+        raise TracerError(missing)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TracerError(invalid(exc)) from None
+    except OSError as exc:
+        raise io_error("read", path, exc) from None
+    try:
+        return parse(text)
+    except ValueError as exc:  # json.JSONDecodeError, tomllib.TOMLDecodeError
+        raise TracerError(invalid(exc)) from None

@@ -27,7 +27,7 @@ import numpy as np
 
 from tracer.atomic import check_output_path
 from tracer.dumpnotes import dump_notes
-from tracer.errors import TracerError, io_error
+from tracer.errors import TracerError, read_parsed
 from tracer.provenance import trace_attrs
 from tracer.stages import (
     BLOCK_STAGES,
@@ -91,13 +91,7 @@ def resolve_map_path(arg: str | os.PathLike) -> Path:
 
 
 def load_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise TracerError(f"{path} is not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise io_error("read", path, exc) from None
+    return read_parsed(path, tomllib.loads, lambda exc: f"{path} is not valid TOML: {exc}")
 
 
 def is_local_stage(local: str) -> bool:

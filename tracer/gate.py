@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tracer.atomic import write_text_atomic
 from tracer.compare.result import CompareResult, Regression
-from tracer.errors import TracerError
+from tracer.errors import TracerError, read_parsed
 
 BASELINE_SCHEMA_VERSION = 1
 GROWTH_FACTOR = 4.0
@@ -41,12 +41,8 @@ def write_baseline(result: CompareResult, path: str | Path) -> None:
 
 def load_baseline(path: str | Path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise TracerError(f"baseline {p} does not exist (create it with --update-baseline)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TracerError(f"baseline {p} is not valid JSON: {exc}") from None
+    data = read_parsed(p, json.loads, lambda exc: f"baseline {p} is not valid JSON: {exc}",
+                       missing=f"baseline {p} does not exist (create it with --update-baseline)")
     if not isinstance(data, dict) or data.get("schema_version") != BASELINE_SCHEMA_VERSION or "cases" not in data:
         raise TracerError(f"{p} is not a gpt2-tracer baseline (schema_version {BASELINE_SCHEMA_VERSION})")
     return data

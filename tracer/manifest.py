@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tracer.atomic import check_output_path
-from tracer.errors import TracerError
+from tracer.errors import TracerError, read_parsed
 from tracer.foreign import (
     Warn,
     _plan,
@@ -64,12 +64,8 @@ class Recording:
 
 
 def read_recording(manifest: Path, tensors: Path | None = None) -> Recording:
-    if not manifest.is_file():
-        raise TracerError(f"no such manifest: {manifest}")
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TracerError(f"{manifest} is not valid JSON ({exc})") from None
+    data = read_parsed(manifest, json.loads, lambda exc: f"{manifest} is not valid JSON ({exc})",
+                       missing=f"no such manifest: {manifest}")
     if not isinstance(data, dict):
         raise TracerError(f"{manifest} is not a PyCandle manifest (expected an object of module records)")
     entries = {k: v for k, v in data.items() if not k.startswith("_")}

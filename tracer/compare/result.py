@@ -160,15 +160,11 @@ class CompareResult:
 
     @classmethod
     def load(cls, path: str | Path) -> CompareResult:
-        from tracer.errors import TracerError
+        from tracer.errors import TracerError, read_parsed
 
         p = Path(path)
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TracerError(f"no such file: {p}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TracerError(f"{p} is not a valid result JSON: {exc}") from None
+        d = read_parsed(p, json.loads, lambda exc: f"{p} is not a valid result JSON: {exc}",
+                        missing=f"no such file: {p}")
         if not isinstance(d, dict) or "schema_version" not in d or "cases" not in d:
             raise TracerError(f"{p} is not a gpt2-tracer result (no schema_version/cases)")
         if d["schema_version"] != RESULT_SCHEMA_VERSION:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tracer.errors import TracerError, io_error
+from tracer.errors import TracerError, read_parsed
 
 try:
     import tomllib
@@ -156,14 +156,8 @@ class Tolerances:
         """TOML: optional `preset = "auto"|"fp32"|...`, `margin_local`, `margin_chained`, and
         `[stages."<glob>"]` tables with `chained` and/or `local` thresholds (row error).
         Unknown keys, negative or non-numeric values are refused with the list of what is valid."""
-        if not path.is_file():
-            raise TracerError(f"tolerance file {path} does not exist")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise TracerError(f"{path}: invalid TOML: {exc}") from None
-        except OSError as exc:
-            raise io_error("read", path, exc) from None
+        data = read_parsed(path, tomllib.loads, lambda exc: f"{path}: invalid TOML: {exc}",
+                           missing=f"tolerance file {path} does not exist")
         unknown = sorted(set(data) - set(TOML_KEYS))
         if unknown:
             raise TracerError(f"{path}: unknown key(s) {', '.join(unknown)} (valid: {', '.join(TOML_KEYS)})")
