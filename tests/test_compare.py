@@ -192,11 +192,9 @@ def test_a_stage_precision_the_backend_declares_is_judged_at_that_precision(tiny
 def test_checks_in_blocks_give_the_whole_stage_results(tiny_golden, tmp_path, monkeypatch):
     """Blocks of tokens (and of the vocabulary for the logits) bound the comparison's memory; they
     must not change a number: forced on every stage of the tiny model, errors and tolerances match."""
-    import tracer.compare.comparator as comparator
     import tracer.compare.metrics as metrics
 
     whole = run(tiny_golden, NumpyBackend("fp32", inject="drop-fc-bias"), tmp_path)
-    monkeypatch.setattr(comparator, "ROW_BLOCK", 64)
     monkeypatch.setattr(metrics, "ROW_BLOCK", 64)
     blocks = run(tiny_golden, NumpyBackend("fp32", inject="drop-fc-bias"), tmp_path)
     assert blocks.cases[0].origin == whole.cases[0].origin == "blocks.0.mlp.fc"
@@ -214,6 +212,28 @@ def test_checks_in_blocks_give_the_whole_stage_results(tiny_golden, tmp_path, mo
         if a.stage.endswith(single_input):
             assert a.local_error == pytest.approx(b.local_error, rel=1e-6, abs=1e-12), a.stage
             assert a.local_tolerance == pytest.approx(b.local_tolerance, rel=1e-6), a.stage
+
+
+def test_attention_checked_in_blocks_of_queries_gives_the_whole_stage_errors(tiny_golden, tmp_path, monkeypatch):
+    """Scores and probs are checked a block of query rows at a time against the keys before the
+    block's end, ctx against those keys where the candidate's probs are zero beyond. A mask one key
+    ahead puts weight past every block's end: the blocked errors must still be the whole-stage ones."""
+    import tracer.compare.metrics as metrics
+
+    for inject in (None, "mask-off-by-one"):
+        whole = run(tiny_golden, NumpyBackend("fp32", inject=inject), tmp_path)
+        monkeypatch.setattr(metrics, "ROW_BLOCK", 64)
+        blocks = run(tiny_golden, NumpyBackend("fp32", inject=inject), tmp_path)
+        monkeypatch.undo()
+        assert blocks.passed == whole.passed and blocks.cases[0].origin == whole.cases[0].origin
+        for case_w, case_b in zip(whole.cases, blocks.cases):
+            for a, b in zip(case_w.stages, case_b.stages):
+                if a.stage.endswith(("attn.scores", "attn.probs", "attn.ctx")):
+                    assert a.status == b.status, (case_w.case, a.stage)
+                    assert a.local_error == pytest.approx(b.local_error, rel=1e-6, abs=1e-12), (case_w.case, a.stage)
+                    if not a.stage.endswith("attn.probs"):  # probs: float32 sums over rows of other lengths
+                        assert a.local_tolerance == pytest.approx(b.local_tolerance, rel=1e-6), (case_w.case, a.stage)
+    assert whole.cases[0].stage("blocks.0.attn.scores").local_error == float("inf")  # the mask bug, seen blocked too
 
 
 def test_a_block_quantized_product_is_judged_as_one(tiny_golden, tmp_path, monkeypatch):

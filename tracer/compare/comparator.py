@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tracer.compare.blocked import BlockedCheck
 from tracer.compare.derive import CandidateStages
 from tracer.compare.diagnose import StageEvidence, diagnose, scores_distance
 from tracer.compare.localize import (
@@ -25,11 +26,7 @@ from tracer.compare.localize import (
     origin_of,
 )
 from tracer.compare.metrics import (
-    ROW_BLOCK,
-    RowSums,
-    as_rows,
     is_masked,
-    row_blocks,
     row_error,
     row_error_and_sums,
     row_errors,
@@ -45,9 +42,6 @@ from tracer.errors import TracerError
 from tracer.stages import StageSelector, layout_of, split_stage, stage_inputs
 from tracer.store import WHOLE_UNDER_SUBSET, CaseView, StageFile
 
-# Stages computed row by row (token by token) from same-shaped rows of their inputs.
-TOKEN_WISE = frozenset({"ln1", "ln2", "final.ln", "attn.qkv", "attn.out", "mlp.fc", "mlp.act", "mlp.out",
-                        "resid_mid", "resid_post", "logits"})
 META_KEYS = ("model_source", "dtype", "device", "attn_implementation", "tf32", "golden_id", "backend", "mode",
              "inject", "created", "producer", "kind", "foreign_unmatched")
 
@@ -120,7 +114,8 @@ def _compare(golden: StageFile, trace: StageFile, options: CompareOptions,
     if not names:
         raise TracerError(f"{trace.path} has no case in common with {golden.path} "
                           f"(golden: {', '.join(golden.case_names())}; trace: {', '.join(trace.case_names()) or 'none'})")
-    weights = options.weights if options.weights is not None else golden.weights() if golden.has_weights else None
+    weights = options.weights if options.weights is not None else \
+        golden.weights_on_demand() if golden.has_weights else None
     ref = Reference(weights or {}, golden.model_config)
     declared = options.tolerances.precision or precision_of(str(trace.attrs.get("dtype", "")))
     precision, precision_note = (declared, None) if options.tolerances.precision else \
@@ -175,6 +170,7 @@ class _CaseComparison:
         self.cand = CandidateStages(trace, self.group, golden, self.golden_value, ref, self.ids, self.mask,
                                     weights is not None)
         self.precisions = StagePrecisions(trace, self.group, self.cand.dumped, precision, ref, self.ids, self.mask)
+        self.blocked = BlockedCheck(ref, self.precisions, self.ids, self.mask, self.allowed)
 
     # -- helpers ----------------------------------------------------------------------------
     def _tokens_of(self, stage: str) -> np.ndarray:
@@ -278,9 +274,14 @@ class _CaseComparison:
                      quantized_input=self.precisions.quantized_input)
 
     def _golden_nonfinite(self, stage: str, g: np.ndarray) -> int:
+        """NaN/Inf values of the golden in compared rows (-inf stands for masked scores)."""
+        is_scores = split_stage(stage)[1] == "attn.scores"
+        with np.errstate(invalid="ignore"):  # two reductions without temporaries see the usual case: none at all
+            if g.size == 0 or (np.isfinite(g.max()) and (is_scores or np.isfinite(g.min()))):
+                return 0
         rows = np.broadcast_to(self.rows_for(stage, g), g.shape)
         bad = ~np.isfinite(g) & rows
-        if split_stage(stage)[1] == "attn.scores":
+        if is_scores:
             bad &= ~np.isneginf(g)
         return int(bad.sum())
 
@@ -410,7 +411,7 @@ class _CaseComparison:
         reference = None
         with np.errstate(all="ignore"):
             valid_local, rows = self.valid_for(stage, cand), self.rows_for(stage, cand)
-            blockwise = self._blockwise_check(stage, cand, inputs, valid_local)
+            blockwise = self.blocked.run(stage, cand, inputs, valid_local, rows)
             if blockwise is not None:
                 res.local_error, local_rows, res.local_noise = blockwise
             else:
@@ -440,52 +441,6 @@ class _CaseComparison:
         return local_rows, StageEvidence(stage, cand, reference, inputs, self.ids, self.mask, valid_local, rows,
                                          res.local_error, res.local_tolerance, self.precisions.judged_at(precision),
                                          derived)
-
-    def _blockwise_check(self, stage: str, cand: np.ndarray, inputs: Lookup,
-                         valid: np.ndarray) -> tuple[float, np.ndarray, float] | None:
-        """(local error, its rows, local noise) of a large token-wise stage, evaluated a block of
-        tokens at a time: the float64 reference of gpt2's logits at T=1024 alone is 400 MB. None
-        when the stage is small or not computed token by token from inputs of its own rows.
-
-        Each block draws the noise twin's jitter from the same stream, in order, so a stage with
-        one input (the logits, a matmul, a norm) sees exactly the jitter a whole evaluation would."""
-        name = split_stage(stage)[1]
-        if name not in TOKEN_WISE or cand.size <= ROW_BLOCK:
-            return None
-        if name == "logits":
-            return self._logits_check(cand, inputs, valid)
-        precision = self.precisions.precision_of(stage)
-        arrays = {n: inputs(n) for n in stage_inputs(stage, self.ref.spec.n_layer)}
-        if any(a.shape[:-1] != cand.shape[:-1] for a in arrays.values()):
-            return None
-        flat = {n: a.reshape(-1, a.shape[-1]) for n, a in arrays.items()}
-        c, v = as_rows(cand, cand.shape), as_rows(valid, cand.shape)
-        local, noise = RowSums(), RowSums()
-        for s in row_blocks(c.shape[0], max(c.shape[1], max(a.shape[1] for a in flat.values()))):
-            block = Lookup(lambda n, s=s: flat[n][s][None])
-            reference = self.ref.evaluate(stage, block, self.ids, self.mask, np.float64)[0]
-            noisy = self.precisions.noisy(stage, block, precision)[0]
-            noise.add(noisy, reference, v[s], ref_sq=local.add(c[s], reference, v[s]))
-        error, rows = local.error(cand.shape[:-1])
-        return error, rows, noise.error(cand.shape[:-1])[0]
-
-    def _logits_check(self, cand: np.ndarray, inputs: Lookup, valid: np.ndarray) -> tuple[float, np.ndarray, float]:
-        """`_blockwise_check` of the logits, in blocks of the vocabulary (blocks of tokens would cast
-        all of wte to float64 once per block). The noise twin's input is jittered once, up front."""
-        x = inputs("final.ln")
-        precision = self.precisions.precision_of("logits")
-        twin = self.precisions.noise_ref(precision)
-        jittered, steady = twin.perturb(x, np.float32), twin.steady()
-        c, v = as_rows(cand, cand.shape), as_rows(valid, cand.shape)
-        local, noise = RowSums(), RowSums()
-        for k, cols in enumerate(row_blocks(c.shape[1], c.shape[0])):
-            reference = self.ref.evaluate("logits", {"final.ln": x}, self.ids, self.mask, np.float64, vocab=cols)
-            noisy = self.precisions.noisy("logits", {"final.ln": jittered}, precision, twin=steady, vocab=cols)
-            reference, noisy = (a.reshape(-1, a.shape[-1]) for a in (reference, noisy))
-            ref_sq = local.add(c[:, cols], reference, v[:, cols], same_rows=k > 0)
-            noise.add(noisy, reference, v[:, cols], same_rows=k > 0, ref_sq=ref_sq)
-        error, rows = local.error(cand.shape[:-1])
-        return error, rows, noise.error(cand.shape[:-1])[0]
 
     def _derivation_noise(self, stage: str, g: np.ndarray, valid: np.ndarray) -> float:
         """What deriving the stage adds by itself: the derivation applied to golden sources rounded
