@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,14 +47,33 @@ class BlockWeights:
 class Weights:
     wte: np.ndarray
     wpe: np.ndarray
-    blocks: list[BlockWeights]
+    blocks: Sequence[BlockWeights]
     lnf_g: np.ndarray
     lnf_b: np.ndarray
     lm_head: np.ndarray  # [V, C]; GPT-2 ties it to wte
 
 
-def load_weights(weights: dict[str, np.ndarray], n_layer: int, dtype: type) -> Weights:
-    """Pick GPT-2's parameters out of an HF-named dict, as contiguous arrays of `dtype`."""
+class BlocksOnDemand(Sequence):
+    """Each block's weights picked when the forward reaches it, from weights read on demand: only the
+    block in use is held (the comparison's oracle replays gpt2-xl without its 6 GB of weights)."""
+
+    def __init__(self, block: Callable[[int], BlockWeights], n_layer: int):
+        self._block, self._n = block, n_layer
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._block(i % self._n)
+
+
+def load_weights(weights: Mapping[str, np.ndarray], n_layer: int, dtype: type) -> Weights:
+    """Pick GPT-2's parameters out of HF-named weights, as contiguous arrays of `dtype`. A dict gives
+    every block up front; any other mapping (a golden's weights read on demand) `BlocksOnDemand`."""
 
     def get(name: str) -> np.ndarray:
         if name not in weights:
@@ -70,7 +89,8 @@ def load_weights(weights: dict[str, np.ndarray], n_layer: int, dtype: type) -> W
 
     wte = get("transformer.wte.weight")
     lm_head = get("lm_head.weight") if "lm_head.weight" in weights else wte
-    return Weights(wte, get("transformer.wpe.weight"), [block(i) for i in range(n_layer)],
+    blocks = [block(i) for i in range(n_layer)] if isinstance(weights, dict) else BlocksOnDemand(block, n_layer)
+    return Weights(wte, get("transformer.wpe.weight"), blocks,
                    get("transformer.ln_f.weight"), get("transformer.ln_f.bias"), lm_head)
 
 

@@ -136,3 +136,29 @@ def test_unsupported_config_is_refused():
         backend.prepare({}, {"activation_function": "relu", "n_layer": 1, "n_head": 1})
     with pytest.raises(TracerError, match="no 'transformer.wte.weight'"):
         backend.prepare({}, {"n_layer": 1, "n_head": 1})
+
+
+def test_weights_read_on_demand_give_the_same_forward(tiny_golden: Path) -> None:
+    """The comparison's oracle runs on weights read as the forward reaches each block: every stage is
+    bitwise what the backend computes from all the weights in memory."""
+    from backends.numpy_backend import BlocksOnDemand
+
+    with Golden.open(tiny_golden) as g:
+        case = g.case(g.case_names()[0])
+        ids, config = case.input_ids, g.model_config
+        runs = []
+        for weights in (g.weights(), g.weights_on_demand(keep=2)):
+            backend = NumpyBackend()
+            backend.prepare(weights, config)
+            taps: dict[str, np.ndarray] = {}
+
+            def tap(name: str, value: np.ndarray, taps=taps) -> np.ndarray:
+                taps[name] = value.copy()
+                return value
+
+            backend.forward(ids, tap)
+            runs.append((backend, taps))
+    assert isinstance(runs[1][0].w.blocks, BlocksOnDemand) and not isinstance(runs[0][0].w.blocks, BlocksOnDemand)
+    assert set(runs[0][1]) == set(runs[1][1]) == set(canonical_stages(config["n_layer"]))
+    for name, value in runs[0][1].items():
+        np.testing.assert_array_equal(runs[1][1][name], value, err_msg=name)

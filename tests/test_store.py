@@ -139,6 +139,31 @@ def test_flipped_byte_in_inputs_and_weights_is_caught(golden_copy: Path) -> None
             g.weights()
 
 
+def test_weights_read_on_demand_are_the_weights_and_verified(golden_copy: Path) -> None:
+    """The comparison reads weights as it reaches them, keeping the few most recent: the same values
+    as reading all at once, tied names one array, and a damaged weight found when it is read."""
+    with Golden.open(golden_copy) as g:
+        whole = g.weights()
+        lazy = g.weights_on_demand(keep=3)
+        assert set(lazy) == set(whole) and len(lazy) == len(whole) and "no.such.weight" not in lazy
+        for name in whole:
+            assert lazy.shape_of(name) == whole[name].shape
+            np.testing.assert_array_equal(lazy[name], whole[name])
+        assert len(lazy._recent) == 3  # only the most recent are held
+        first = lazy["transformer.wte.weight"]
+        assert lazy["transformer.wte.weight"] is first  # kept: not read again
+        if "lm_head.weight" in whole:
+            assert lazy["lm_head.weight"] is first  # tied: one dataset, one array
+        with pytest.raises(KeyError):
+            lazy["no.such.weight"]
+    flip_one_byte(golden_copy, "weights/transformer.h.1.mlp.c_fc.bias")
+    with Golden.open(golden_copy) as g:
+        lazy = g.weights_on_demand()
+        lazy["transformer.h.0.mlp.c_fc.bias"]  # the others read fine
+        with pytest.raises(TracerError, match=r"checksum mismatch in weight 'transformer\.h\.1\.mlp\.c_fc\.bias'"):
+            lazy["transformer.h.1.mlp.c_fc.bias"]
+
+
 # -- opening the wrong thing ----------------------------------------------------------------
 
 def test_newer_format_version_is_refused_by_name(golden_copy: Path) -> None:

@@ -15,7 +15,8 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -686,16 +687,59 @@ class StageFile:
         """All weights by HF name, checksum verified."""
         if not self.has_weights:
             raise TracerError(f"{self.path} has no weights (recorded with --no-weights); replay needs them")
+        reader = WeightsOnDemand(self, keep=0)
         out, read = {}, {}
         for name, ds in self.h5["weights"].items():
-            if ds.id in read:  # a tied name (lm_head.weight -> wte) is one dataset: one array, read once
-                out[name] = read[ds.id]
-                continue
-            data = self.read_dataset(ds, f"weight {name!r}")
-            if content_hash(data) != ds.attrs.get("xxh3"):
-                raise TracerError(f"{self.path}: checksum mismatch in weight {name!r}: the file is corrupt")
-            out[name] = read[ds.id] = data
+            if ds.id not in read:  # a tied name (lm_head.weight -> wte) is one dataset: one array, read once
+                read[ds.id] = reader[name]
+            out[name] = read[ds.id]
         return out
+
+    def weights_on_demand(self, keep: int = 32) -> WeightsOnDemand:
+        """The weights as a mapping that reads each when asked for (see `WeightsOnDemand`)."""
+        if not self.has_weights:
+            raise TracerError(f"{self.path} has no weights (recorded with --no-weights); replay needs them")
+        return WeightsOnDemand(self, keep)
+
+
+class WeightsOnDemand(Mapping):
+    """A golden's weights by HF name, each read and checksum-verified when asked for, the `keep`
+    most recently used kept. Comparing walks the model block by block, so it holds the weights of
+    about two blocks instead of all of them (gpt2-xl: 6 GB). Tied names share one array."""
+
+    def __init__(self, golden: StageFile, keep: int):
+        self.golden, self.keep = golden, keep
+        self._group = golden.h5["weights"]
+        self._names = list(self._group.keys())
+        self._recent: OrderedDict = OrderedDict()  # dataset id -> array, least recently used first
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._group:
+            raise KeyError(name)
+        ds = self._group[name]
+        if ds.id in self._recent:
+            self._recent.move_to_end(ds.id)
+            return self._recent[ds.id]
+        data = self.golden.read_dataset(ds, f"weight {name!r}")
+        if content_hash(data) != ds.attrs.get("xxh3"):
+            raise TracerError(f"{self.golden.path}: checksum mismatch in weight {name!r}: the file is corrupt")
+        if self.keep:
+            self._recent[ds.id] = data
+            while len(self._recent) > self.keep:
+                self._recent.popitem(last=False)
+        return data
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._group[name].shape)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._group
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class Golden(StageFile):

@@ -105,10 +105,10 @@ def _operands(stage: str, ref: Reference) -> list[Hypothesis]:
 def _modules(ref: Reference) -> dict[str, dict[str, tuple[int, ...]]]:
     """HF module prefix -> {role: shape} for every weight/bias pair in the weights."""
     mods: dict[str, dict[str, tuple[int, ...]]] = {}
-    for name, w in ref.w.items():
+    for name in ref.w:
         prefix, _, role = name.rpartition(".")
         if role in ("weight", "bias"):
-            mods.setdefault(prefix, {})[role] = tuple(np.shape(w))
+            mods.setdefault(prefix, {})[role] = ref.param_shape(name)
     return mods
 
 
@@ -122,7 +122,7 @@ def _parameters(stage: str, ref: Reference) -> list[Hypothesis]:
     for role, name in params.items():
         if name not in ref.w:
             continue
-        shape = np.shape(ref.w[name])
+        shape = ref.param_shape(name)
         what = f"{local} {'gain' if is_ln and role == 'weight' else role} ({name})"
         if role == "bias" or is_ln:
             out.append(Hypothesis(f"param.{role}.dropped", f"{what} not applied",

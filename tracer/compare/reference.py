@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,8 +134,10 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)
 
 def gelu(x, kind: str, *, cubic: float = GELU_CUBIC, scale: float = GELU_SCALE):
     if kind in GELU_TANH:
-        # x³: one rounded pow in float32, as HF's NewGELU (torch.pow) computes it; in float64 two products
-        # round far below anything compared, and pow there cost as much as the rest of the stage.
+        # x³: in float32 NumPy's pow, as the noise twin has always computed it. It is most of the stage's
+        # cost, but its rounding is the twin's: a cube rounded once instead (float64, then float32: 6x
+        # faster) moved mlp.act tolerances by up to 6%. (torch's pow(x, 3) is x*x*x, rounded twice.)
+        # In float64 two products round far below anything compared.
         cube = x * x * x if x.dtype == np.float64 else x ** 3
         return 0.5 * x * (1.0 + np.tanh(scale * (x + cubic * cube)))
     if kind == "gelu":
@@ -177,6 +180,7 @@ class Reference:
         self.jitter = jitter
         self.weight_precision: str | None = None
         self._rng = np.random.default_rng(seed)
+        self._params: OrderedDict = OrderedDict()  # (name, dtype, weight precision) -> array, shared by copies
 
     def jittered(self, unit: float, weight_precision: str | None = None) -> Reference:
         """The same reference with every input activation perturbed by ±`unit` relative (uniform)
@@ -207,7 +211,21 @@ class Reference:
         return clone
 
     def param(self, name: str, dtype) -> np.ndarray:
-        return np.asarray(self._rounded(name, self.w[name]), dtype=dtype)
+        """A parameter in `dtype` (rounded to `weight_precision`). The last two are kept: a stage checked
+        in blocks of tokens reads its weight and bias once per block, and gpt2's c_fc is 19 MB as float64."""
+        key = (name, np.dtype(dtype).str, self.weight_precision)
+        if key in self._params:
+            self._params.move_to_end(key)
+            return self._params[key]
+        value = self._params[key] = np.asarray(self._rounded(name, self.w[name]), dtype=dtype)
+        while len(self._params) > 2:
+            self._params.popitem(last=False)
+        return value
+
+    def param_shape(self, name: str) -> tuple[int, ...]:
+        """A parameter's shape, without reading it where the weights are read on demand."""
+        shape_of = getattr(self.w, "shape_of", None)
+        return shape_of(name) if shape_of is not None else tuple(np.shape(self.w[name]))
 
     def _rounded(self, name: str, w: np.ndarray) -> np.ndarray:
         """A parameter (or rows of it) in `weight_precision`. A block format quantizes matrices only,
@@ -306,13 +324,15 @@ class Reference:
             return split_heads(get(f"blocks.{i}.attn.qkv"), s.n_head, which,
                                order=knobs.get("order", (0, 1, 2)), dh_swapped=knobs.get("dh_swapped", False),
                                interleaved=knobs.get("interleaved", False))
-        if local == "attn.scores":
-            allowed = allowed_mask(mask, knobs.get("mask_shift", 0), knobs.get("causal", True))
+        if local == "attn.scores":  # knob allowed: the visible keys of a block of query rows (blocked check)
+            allowed = knobs["allowed"] if "allowed" in knobs else \
+                allowed_mask(mask, knobs.get("mask_shift", 0), knobs.get("causal", True))
             return scores(get(f"blocks.{i}.attn.q"), get(f"blocks.{i}.attn.k"),
                           knobs.get("scale", s.attn_scale(i)), allowed, swap_qk=knobs.get("swap_qk", False))
         if local == "attn.probs":
             # masked by position, whatever fill the port used
-            return softmax(get(f"blocks.{i}.attn.scores"), axis=knobs.get("axis", -1), allowed=allowed_mask(mask))
+            return softmax(get(f"blocks.{i}.attn.scores"), axis=knobs.get("axis", -1),
+                           allowed=knobs["allowed"] if "allowed" in knobs else allowed_mask(mask))
         if local == "attn.ctx":
             probs = get(f"blocks.{i}.attn.probs")
             if knobs.get("transpose_probs"):
@@ -330,7 +350,7 @@ class Reference:
             return base + get(f"blocks.{i}.mlp.out")
         if local == "logits":  # one block of the vocabulary at a time: no whole-wte copy in `dtype`
             x = get("final.ln")  # knob vocab=slice: only those logits
-            lo, hi, _ = knobs.get("vocab", slice(None)).indices(self.w["transformer.wte.weight"].shape[0])
+            lo, hi, _ = knobs.get("vocab", slice(None)).indices(self.param_shape("transformer.wte.weight")[0])
             out = np.empty((*x.shape[:-1], hi - lo), dtype=np.result_type(x, dtype))
             for a in range(lo, hi, VOCAB_BLOCK):
                 b = min(a + VOCAB_BLOCK, hi)
