@@ -15,6 +15,7 @@ from rich.console import Console
 from tracer.compare.comparator import CompareOptions, compare
 from tracer.compare.result import CompareResult
 from tracer.compare.tolerance import Tolerances
+from tracer.allocator import reuse_large_allocations
 from tracer.atomic import Reservation
 from tracer.errors import TracerError
 from tracer.progress import session, track
@@ -67,6 +68,7 @@ def run_compare(req: CompareRequest) -> CompareResult:
         raise TracerError("--inject needs --backend (it is applied while replaying)")
     tolerances = Tolerances.parse(req.tolerance)
     selector = StageSelector.parse(req.stage)
+    reuse_large_allocations()  # this process compares: big temporaries from the heap (see tracer.allocator)
     workdir = Path(tempfile.mkdtemp(prefix="tracer-compare-"))
     cleanup = lambda: None  # noqa: E731
     try:
