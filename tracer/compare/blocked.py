@@ -29,15 +29,16 @@ from tracer.stages import split_stage, stage_inputs
 TOKEN_WISE = frozenset({"ln1", "ln2", "final.ln", "attn.qkv", "attn.out", "mlp.fc", "mlp.act", "mlp.out",
                         "resid_mid", "resid_post", "logits"})
 ATTENTION = frozenset({"attn.scores", "attn.probs", "attn.ctx"})
-QUERY_SHARE = 8  # an attention block holds at most ROW_BLOCK / QUERY_SHARE elements: ~8 query blocks a head at T=1024
+QUERY_SHARE = 8  # a block of one head holds at most ROW_BLOCK / QUERY_SHARE elements: 8 spans a head at T=1024
 
 Check = tuple[float, np.ndarray, float]  # (introduced error, its per-row values, the noise twin's error)
 
 
-def query_spans(n_queries: int, n_keys: int) -> list[tuple[int, int]]:
-    """Consecutive spans of query rows; with a causal mask each sees only the keys before its end,
-    so smaller spans skip more of the masked triangle (8 spans: 56% of it computed)."""
-    step = max(1, metrics.ROW_BLOCK // (QUERY_SHARE * max(n_keys, 1)))
+def query_spans(n_queries: int, row_size: int, share: int = QUERY_SHARE) -> list[tuple[int, int]]:
+    """Consecutive spans of query rows of `row_size` elements each, a span at most ROW_BLOCK / `share`
+    elements; with a causal mask each sees only the keys before its end, so smaller spans skip more
+    of the masked square (8 spans: 56% of it computed)."""
+    step = max(1, metrics.ROW_BLOCK // (share * max(row_size, 1)))
     return [(a, min(a + step, n_queries)) for a in range(0, n_queries, step)]
 
 
@@ -173,7 +174,7 @@ class BlockedCheck:
         names = stage_inputs(stage, self.ref.spec.n_layer)
         local, noise = RowSums(), RowSums()
         for b in range(B):
-            for t0, t1 in query_spans(T, S * H):
+            for t0, t1 in query_spans(T, S * H, share=1):  # all heads: ~12 spans at T=1024, larger products
                 beyond = probs[b, :, t0:t1, t1:]
                 keys = t1 if t1 < S and not beyond.any() and np.isfinite(v[b, :, t1:]).all() else S
                 pick = lambda a: dict(zip(names, (a[0][b:b + 1, :, t0:t1, :keys], a[1][b:b + 1, :, :keys])))  # noqa: E731
