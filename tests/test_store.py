@@ -154,6 +154,12 @@ def test_weights_read_on_demand_are_the_weights_and_verified(golden_copy: Path) 
         assert lazy["transformer.wte.weight"] is first  # kept: not read again
         if "lm_head.weight" in whole:
             assert lazy["lm_head.weight"] is first  # tied: one dataset, one array
+            assert whole["lm_head.weight"] is whole["transformer.wte.weight"]
+        for name in [n for n in whole if whole[n] is not whole["transformer.wte.weight"]][:4]:
+            lazy[name]  # pushes wte out of the three kept
+        assert all(a is not first for a in lazy._recent.values())
+        lazy._read = None  # a read now would fail
+        assert lazy["transformer.wte.weight"] is first  # still held here: the same array, not read again
         with pytest.raises(KeyError):
             lazy["no.such.weight"]
     flip_one_byte(golden_copy, "weights/transformer.h.1.mlp.c_fc.bias")

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -687,13 +688,8 @@ class StageFile:
         """All weights by HF name, checksum verified."""
         if not self.has_weights:
             raise TracerError(f"{self.path} has no weights (recorded with --no-weights); replay needs them")
-        reader = WeightsOnDemand(self, keep=0)
-        out, read = {}, {}
-        for name, ds in self.h5["weights"].items():
-            if ds.id not in read:  # a tied name (lm_head.weight -> wte) is one dataset: one array, read once
-                read[ds.id] = reader[name]
-            out[name] = read[ds.id]
-        return out
+        reader = WeightsOnDemand(self, keep=0)  # a tied name (lm_head.weight -> wte) is one dataset: one array
+        return {name: reader[name] for name in reader}
 
     def weights_on_demand(self, keep: int = 32) -> WeightsOnDemand:
         """The weights as a mapping that reads each when asked for (see `WeightsOnDemand`)."""
@@ -705,13 +701,15 @@ class StageFile:
 class WeightsOnDemand(Mapping):
     """A golden's weights by HF name, each read and checksum-verified when asked for, the `keep`
     most recently used kept. Comparing walks the model block by block, so it holds the weights of
-    about two blocks instead of all of them (gpt2-xl: 6 GB). Tied names share one array."""
+    about two blocks instead of all of them (gpt2-xl: 6 GB). Tied names share one array, and so does
+    a weight someone still holds (the oracle's wte, asked for again at the logits): never read twice."""
 
     def __init__(self, golden: StageFile, keep: int):
         self.golden, self.keep = golden, keep
         self._group = golden.h5["weights"]
         self._names = list(self._group.keys())
         self._recent: OrderedDict = OrderedDict()  # dataset id -> array, least recently used first
+        self._alive: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # dataset id -> array
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._group:
@@ -720,13 +718,20 @@ class WeightsOnDemand(Mapping):
         if ds.id in self._recent:
             self._recent.move_to_end(ds.id)
             return self._recent[ds.id]
-        data = self.golden.read_dataset(ds, f"weight {name!r}")
-        if content_hash(data) != ds.attrs.get("xxh3"):
-            raise TracerError(f"{self.golden.path}: checksum mismatch in weight {name!r}: the file is corrupt")
+        data = self._alive.get(ds.id)
+        if data is None:
+            data = self._read(name, ds)
         if self.keep:
             self._recent[ds.id] = data
             while len(self._recent) > self.keep:
                 self._recent.popitem(last=False)
+        return data
+
+    def _read(self, name: str, ds: h5py.Dataset) -> np.ndarray:
+        data = np.asarray(self.golden.read_dataset(ds, f"weight {name!r}"))  # 0-d: an array, not a scalar
+        if content_hash(data) != ds.attrs.get("xxh3"):
+            raise TracerError(f"{self.golden.path}: checksum mismatch in weight {name!r}: the file is corrupt")
+        self._alive[ds.id] = data
         return data
 
     def shape_of(self, name: str) -> tuple[int, ...]:
