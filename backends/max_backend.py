@@ -42,7 +42,6 @@ from tracer.errors import TracerError
 from tracer.progress import step
 from tracer.stages import canonical_stages
 
-PREFIX = "max:"
 REFERENCE = "backends.max_gpt2:MaxGPT2LMHeadModel"  # the port `--backend max` runs
 PINNED = "26.7"
 EXTRA_HINT = "needs the max extra: pip install 'gpt2-tracer[max]' (Modular MAX 26.7)"

@@ -685,10 +685,8 @@ class StageFile:
         return "weights" in self.h5 and len(self.h5["weights"]) > 0
 
     def weights(self) -> dict[str, np.ndarray]:
-        """All weights by HF name, checksum verified."""
-        if not self.has_weights:
-            raise TracerError(f"{self.path} has no weights (recorded with --no-weights); replay needs them")
-        reader = WeightsOnDemand(self, keep=0)  # a tied name (lm_head.weight -> wte) is one dataset: one array
+        """All weights by HF name, checksum verified; a tied name (lm_head.weight -> wte) is one array."""
+        reader = self.weights_on_demand(keep=0)
         return {name: reader[name] for name in reader}
 
     def weights_on_demand(self, keep: int = 32) -> WeightsOnDemand:

@@ -270,7 +270,7 @@ class _CaseComparison:
                         substituted[stage] = golden_inputs
         oracle_drift(self.g, self.weights, self.config, self.precision, self.valid_for, substituted, self.ref,
                      golden=self.golden_value, measured=measured, into=drift,
-                     stage_precision=lambda s: self.precisions.judged(s),
+                     stage_precision=self.precisions.judged,
                      quantized_input=self.precisions.quantized_input)
 
     def _golden_nonfinite(self, stage: str, g: np.ndarray) -> int:
