@@ -30,7 +30,7 @@ pytest.importorskip("textual")
 from backends.inject import CATALOG  # noqa: E402
 from backends.registry import resolve_backend  # noqa: E402
 from tracer.compare.localize import first8_tables  # noqa: E402
-from tracer.compare.metrics import row_error_and_sums, valid_mask  # noqa: E402
+from tracer.compare.metrics import ChainedPass, valid_mask  # noqa: E402
 from tracer.compare.result import CaseResult, CompareResult, Diagnosis, StageResult  # noqa: E402
 from tracer.compare.run import CompareRequest, run_compare  # noqa: E402
 from tracer.errors import TracerError  # noqa: E402
@@ -427,7 +427,8 @@ def exact_pair(tmp_path_factory):
 def _exact_result(name: str, k: int, g: np.ndarray, c: np.ndarray, mask: np.ndarray, after: int) -> StageResult:
     layout = layout_of(name)
     valid = valid_mask(layout, g.shape, mask, np.isfinite(g) if layout == "BHTT" else None)
-    error, per_row, (golden_sq, _) = row_error_and_sums(np.where(valid, c, 0.0), np.where(valid, g, 0.0), valid)
+    chained = ChainedPass(np.where(valid, c, 0.0), np.where(valid, g, 0.0), valid)
+    error, per_row, golden_sq = chained.error, chained.per_row, chained.golden_sq
     tol = 1e-5
     s = StageResult(name, k, "fail" if error > tol else "pass", list(g.shape), list(c.shape), "float32",
                     error=error, tolerance=tol, local_error=error if name == SCORES else 0.0, local_tolerance=tol,

@@ -25,14 +25,7 @@ from tracer.compare.localize import (
     first8_tables,
     origin_of,
 )
-from tracer.compare.metrics import (
-    is_masked,
-    row_error,
-    row_error_and_sums,
-    row_errors,
-    stage_metrics,
-    valid_mask,
-)
+from tracer.compare.metrics import ChainedPass, is_masked, row_error, row_errors, valid_mask
 from tracer.compare.oracle import OracleDrift, oracle_drift
 from tracer.compare.precisions import StagePrecisions
 from tracer.compare.reference import Lookup, Reference, allowed_mask
@@ -273,23 +266,29 @@ class _CaseComparison:
                      stage_precision=self.precisions.judged,
                      quantized_input=self.precisions.quantized_input)
 
-    def _golden_nonfinite(self, stage: str, g: np.ndarray) -> int:
-        """NaN/Inf values of the golden in compared rows (-inf stands for masked scores)."""
+    def _golden_nonfinite(self, stage: str, g: np.ndarray) -> tuple[int, float | None]:
+        """NaN/Inf values of the golden in compared rows (-inf stands for masked scores); and, when every
+        element of a stage other than the scores is compared, its largest magnitude, for the metrics."""
         is_scores = split_stage(stage)[1] == "attn.scores"
         with np.errstate(invalid="ignore"):  # two reductions without temporaries see the usual case: none at all
-            if g.size == 0 or (np.isfinite(g.max()) and (is_scores or np.isfinite(g.min()))):
-                return 0
+            if g.size == 0:
+                return 0, None
+            hi, lo = g.max(), None if is_scores else g.min()
+            if np.isfinite(hi) and (is_scores or np.isfinite(lo)):
+                whole = not is_scores and bool(self._tokens_of(stage).all())
+                return 0, max(float(hi), -float(lo), 0.0) if whole else None
         rows = np.broadcast_to(self.rows_for(stage, g), g.shape)
         bad = ~np.isfinite(g) & rows
         if is_scores:
             bad &= ~np.isneginf(g)
-        return int(bad.sum())
+        return int(bad.sum()), None
 
     def compare_stage(self, stage: str, order: int, drift: OracleDrift | None) -> StageResult:
         g = self.golden_value(stage)
         res = StageResult(stage=stage, order=order, status="pass", shape=list(g.shape), dtype=str(g.dtype))
+        golden_abs_max = None
         if g.dtype.kind in "fc":
-            n_bad = self._golden_nonfinite(stage, g)
+            n_bad, golden_abs_max = self._golden_nonfinite(stage, g)
             if n_bad:
                 res.status = "golden-nonfinite"
                 res.note = (f"the golden itself has {n_bad} NaN/Inf value(s) in this stage: nothing can be "
@@ -315,7 +314,7 @@ class _CaseComparison:
         valid = self.valid_for(stage, g)
         shown = c  # First-8 tables show the candidate's own values (for a log: exactly what the port printed)
         if self.t.is_partial(stage):
-            valid = valid & self.t.present(stage)
+            valid, golden_abs_max = valid & self.t.present(stage), None
             atol = float(self.t.dataset(stage).attrs.get("print_atol", 0.0))
             res.note = f"partial trace: {int(valid.sum())} values present, printed to ±{atol:.1g}"
             with np.errstate(all="ignore"):  # printed values are rounded: only error beyond the rounding counts
@@ -327,14 +326,13 @@ class _CaseComparison:
             c, mask_mismatch, note = self._scores_masking(stage, c, g)
             res.note = note or res.note
         with np.errstate(all="ignore"):
-            res.error, per_row, sums = row_error_and_sums(c, g, valid)
-            if mask_mismatch:
-                res.error = float("inf")
+            chained = ChainedPass(c, g, valid, golden_abs_max)
+        res.error, per_row = (float("inf") if mask_mismatch else chained.error), chained.per_row
         res.drift = drift.chained.get(stage) if drift else None
         local_rows, evidence = self._local_check(stage, res, c, g, drift)
         res.tolerance = self.options.tolerances.chained_tolerance(
             stage, res.drift, self.precisions.judged(stage), res.local_tolerance)
-        res.metrics = stage_metrics(g, c, valid, res.tolerance, sums, mask_mismatch)
+        res.metrics = chained.metrics(res.tolerance, mask_mismatch)
         res.fails_chained = not res.error <= res.tolerance
         if res.metrics.first_nonfinite is not None:
             res.fails_chained = True
@@ -353,7 +351,7 @@ class _CaseComparison:
             elif res.local_error is None:  # no introduced-error check was possible: test against the golden
                 res.diagnoses = self._diagnose_chained(stage, c, g, valid, res)
         res.tables = first8_tables(stage, g, shown if self.t.is_partial(stage) else c, valid, per_row,
-                                   res.tolerance, float(np.sqrt(sums[0] / max(res.metrics.n_compared, 1))),
+                                   res.tolerance, float(np.sqrt(chained.golden_sq / max(res.metrics.n_compared, 1))),
                                    self.options.token, first=0 if self.kept is None else int(self.kept[0]))
         return res
 

@@ -102,7 +102,11 @@ class RowSums:
             np.copyto(d, 0.0, where=~valid)
         if ref_sq is None:
             ref_sq = _sum_sq(np.where(valid, reference, 0.0) if partial else reference, rows=True)
-        diff_sq, rows = _sum_sq(d, rows=True), valid.any(-1)
+        self.add_sums(_sum_sq(d, rows=True), ref_sq, valid.any(-1), same_rows)
+        return ref_sq
+
+    def add_sums(self, diff_sq: np.ndarray, ref_sq: np.ndarray, rows: np.ndarray, same_rows: bool = False) -> None:
+        """The next block's row sums, made by the caller (`rows`: the rows with compared elements)."""
         if same_rows:
             self.diff_sq[-1] = self.diff_sq[-1] + diff_sq
             self.ref_sq[-1] = self.ref_sq[-1] + ref_sq
@@ -111,7 +115,6 @@ class RowSums:
             self.diff_sq.append(diff_sq)
             self.ref_sq.append(ref_sq)
             self.rows.append(rows)
-        return ref_sq
 
     def add_zero_reference(self, candidate: np.ndarray, valid: np.ndarray) -> None:
         """More columns of the block added last where the reference is exactly zero (probs beyond the
@@ -161,15 +164,6 @@ def row_error(candidate: np.ndarray, reference: np.ndarray, valid: np.ndarray) -
     return row_errors(reference, valid, candidate)[0]
 
 
-def row_error_and_sums(candidate: np.ndarray, reference: np.ndarray,
-                       valid: np.ndarray) -> tuple[float, np.ndarray, tuple[float, float]]:
-    """`row_error`, and (Σ reference², Σ (candidate − reference)²) over the valid elements, which
-    `stage_metrics` takes instead of summing them again."""
-    shape, (acc,) = _row_sums(reference, valid, candidate)
-    error, per_row = acc.error(shape)
-    return error, per_row, (float(np.concatenate(acc.ref_sq).sum()), float(np.concatenate(acc.diff_sq).sum()))
-
-
 @dataclass
 class StageMetrics:
     """Every metric of SPEC §6 for one stage (candidate vs golden, comparable elements)."""
@@ -197,83 +191,144 @@ def _finite_or_none(x: float) -> float:
     return float(x) if np.isfinite(x) else (float("inf") if x > 0 else float("-inf"))
 
 
-def stage_metrics(golden: np.ndarray, candidate: np.ndarray, valid: np.ndarray, tolerance: float,
-                  sums: tuple[float, float], masked_mismatch: int = 0) -> StageMetrics:
-    """Metrics over valid elements. Mismatch % uses the stage's tolerance elementwise:
-    |c - g| > tolerance * max(|g|, RMS(g)). `sums` = (Σ g², Σ (c − g)²) over them, as
-    `row_error_and_sums` gives them with the row error.
 
-    Two passes over blocks of rows (the second needs RMS(g) and max|g|), so no temporary is
-    larger than a block even for the logits of a long sequence."""
-    shape = np.shape(golden)
-    work = _work_dtype(golden, candidate)
-    g, c, v = as_rows(golden, shape), as_rows(candidate, shape), as_rows(valid, shape)
-    blocks = row_blocks(*g.shape)
-    n, g_max, first_bad = 0, 0.0, None
-    with np.errstate(invalid="ignore"):
-        for s in blocks:
-            vb = v[s]
-            every = bool(vb.all())
-            sel_g, sel_c = (g[s].ravel(), c[s].ravel()) if every else (g[s][vb], c[s][vb])
-            n += sel_g.size
-            if not sel_g.size:
-                continue
-            g_max = max(g_max, float(np.max(sel_g)), -float(np.min(sel_g)))
-            if first_bad is None and not (np.isfinite(np.max(sel_c)) and np.isfinite(np.min(sel_c))):
-                bad = ~np.isfinite(c[s]) & vb & np.isfinite(g[s])  # reductions saw one: where is the first
-                if bad.any():
-                    first_bad = s.start * g.shape[1] + int(np.argmax(bad))
-    first_nonfinite = None if first_bad is None else [int(i) for i in np.unravel_index(first_bad, shape)]
-    if n == 0:
-        return StageMetrics(0, 0, 0, 0, 0, 1, float("inf"), 0, 0, [], 0, 0, first_nonfinite, masked_mismatch)
-    sig, noise = sums
-    rms_g = float(np.sqrt(sig / n))
-    floor = max(1e-6 * g_max, 1e-30)
-    max_abs = max_rel = np.float64(0.0)
-    sum_abs = gd = 0.0
-    mismatch, worst, worst_at = 0, -np.inf, 0
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        for s in blocks:
-            vb = v[s]
-            every = bool(vb.all())
-            gb, cb = np.asarray(g[s], dtype=work), np.asarray(c[s], dtype=work)
-            sel_g, sel_c = (gb.ravel(), cb.ravel()) if every else (gb[vb], cb[vb])
-            if not sel_g.size:
-                continue
-            ad = np.subtract(sel_c, sel_g)
-            gd += _dot(sel_g, ad)
-            np.abs(ad, out=ad)
-            key = ad if first_bad is None else np.where(np.isnan(ad), np.inf, ad)  # a NaN difference is the worst
-            k = int(np.argmax(key))
-            if key[k] > worst:  # the k-th compared element of the block: its place among all of the block's
-                worst = key[k]
-                worst_at = s.start * g.shape[1] + (k if every else int(np.flatnonzero(vb)[k]))
-            max_abs = np.maximum(max_abs, key[k] if first_bad is None else np.max(ad))
-            sum_abs += float(np.add.reduce(ad))  # pairwise: ~1e-6 of the sum in float32
-            abs_g = np.abs(sel_g)
-            scale = np.maximum(abs_g, floor)
-            max_rel = np.maximum(max_rel, np.max(np.divide(ad, scale, out=scale)))
-            np.maximum(abs_g, rms_g, out=abs_g)
-            abs_g *= tolerance
-            mismatch += ad.size - np.count_nonzero(ad <= abs_g)  # NaN and Inf differences count as mismatches
-        # c = g + d: c·g = Σg² + Σg·d and |c|² = Σg² + 2Σg·d + Σd², from sums already made
-        denom = float(np.sqrt(max(sig + 2 * gd + noise, 0.0)) * np.sqrt(sig))
-        cosine = float((sig + gd) / denom) if denom > 0 else (1.0 if noise == 0 else 0.0)
-        where = np.unravel_index(worst_at, shape)
-        return StageMetrics(
-            n_compared=int(n),
-            max_abs=_finite_or_none(max_abs),
-            mean_abs=_finite_or_none(sum_abs / n),
-            max_rel=_finite_or_none(max_rel),
-            rmse=_finite_or_none(np.sqrt(noise / n)),
-            cosine=cosine if np.isfinite(cosine) else 0.0,
-            sqnr_db=float(10 * np.log10(sig / noise)) if noise > 0 and np.isfinite(noise) else (
-                float("inf") if noise == 0 else float("-inf")),
-            nmse=_finite_or_none(noise / sig) if sig > 0 else (0.0 if noise == 0 else float("inf")),
-            mismatch_pct=float(100.0 * mismatch / n),
-            worst_index=[int(i) for i in where],
-            worst_golden=float(golden[where]),
-            worst_candidate=float(candidate[where]),
-            first_nonfinite=first_nonfinite,
-            masked_mismatch=masked_mismatch,
-        )
+def _abs_max(g: np.ndarray, v: np.ndarray, blocks: list[slice]) -> float:
+    """max |g| over the compared elements ([rows, last axis] views), 0 when there are none."""
+    top = 0.0
+    for s in blocks:
+        vb, gb = v[s], g[s]
+        if not gb.size:
+            continue
+        if vb.all():
+            hi, lo = gb.max(), gb.min()
+        elif vb.any():
+            hi, lo = np.max(gb, where=vb, initial=-np.inf), np.min(gb, where=vb, initial=np.inf)
+        else:
+            continue
+        top = max(top, float(hi), -float(lo))
+    return top
+
+
+class ChainedPass:
+    """Candidate vs golden (the chained check) in one pass over blocks of rows: the row error and
+    every metric of `StageMetrics` but the mismatch share, whose threshold needs the stage's
+    tolerance, which the introduced-error check sets later. `metrics(tolerance)` finishes: a block
+    whose largest difference is within the smallest threshold has no mismatch, so only blocks that
+    may have one are read again (none, for a stage well within tolerance).
+
+    `golden_abs_max`: max |golden| over the compared elements when the caller knows it (every element
+    compared and the golden's extremes already taken), else found in an extra pass."""
+
+    def __init__(self, candidate: np.ndarray, golden: np.ndarray, valid: np.ndarray,
+                 golden_abs_max: float | None = None):
+        self.golden, self.candidate, self.shape = golden, candidate, np.shape(golden)
+        self.work = work = _work_dtype(golden, candidate)
+        g, c, v = self._rows = (as_rows(golden, self.shape), as_rows(candidate, self.shape),
+                                as_rows(valid, self.shape))
+        self.blocks = row_blocks(*g.shape)
+        if golden_abs_max is None:
+            golden_abs_max = _abs_max(g, v, self.blocks)
+        floor = max(1e-6 * golden_abs_max, 1e-30)
+        sums = RowSums()
+        self.n, self.block_max, self.first_bad = 0, [], None
+        self.max_abs = self.max_rel = np.float64(0.0)
+        self.sum_abs = self.golden_dot_diff = 0.0
+        worst, self.worst_at = -np.inf, 0
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            for s in self.blocks:
+                vb = v[s]
+                every = bool(vb.all())
+                d = np.subtract(c[s], g[s], dtype=work)
+                if every:
+                    gz = g[s]
+                else:  # padding, masked scores, rows a --tokens golden did not keep: zero in both
+                    np.copyto(d, 0.0, where=~vb)
+                    gz = np.where(vb, g[s], 0.0)
+                sums.add_sums(_sum_sq(d, rows=True), _sum_sq(gz, rows=True), vb.any(-1))
+                count = d.size if every else int(np.count_nonzero(vb))
+                self.block_max.append(0.0)
+                if not count:
+                    continue
+                self.n += count
+                self.golden_dot_diff += _dot(gz.ravel(), d.ravel())
+                ad = np.abs(d, out=d)
+                k = int(np.argmax(ad))  # the largest difference, or the first NaN
+                top = ad.flat[k]        # = ad.max(), NaN included
+                finite = bool(np.isfinite(top))
+                key = ad
+                if not finite:  # a NaN difference is the worst
+                    key = np.where(np.isnan(ad), np.inf, ad)
+                    k = int(np.argmax(key))
+                    if self.first_bad is None:
+                        bad = ~np.isfinite(c[s]) & vb & np.isfinite(g[s])
+                        if bad.any():
+                            self.first_bad = s.start * g.shape[1] + int(np.argmax(bad))
+                if key.flat[k] == 0 and not every:  # no difference at all: the first compared element
+                    k = int(np.argmax(vb))
+                self.block_max[-1] = key.flat[k]
+                if key.flat[k] > worst:
+                    worst, self.worst_at = key.flat[k], s.start * g.shape[1] + k
+                self.max_abs = np.maximum(self.max_abs, key.flat[k] if finite else top)
+                self.sum_abs += float(np.add.reduce(ad, axis=None))
+                scale = np.abs(gz, dtype=work)
+                np.maximum(scale, floor, out=scale)
+                self.max_rel = np.maximum(self.max_rel, np.max(np.divide(ad, scale, out=scale)))
+        self.error, self.per_row = sums.error(self.shape[:-1])
+        self.golden_sq = float(np.concatenate(sums.ref_sq).sum())
+        self.diff_sq = float(np.concatenate(sums.diff_sq).sum())
+
+    def _mismatches(self, tolerance: float, rms_g: float) -> int:
+        """Compared elements with |c − g| > tolerance · max(|g|, RMS(g)), in the work precision. The
+        smallest threshold (|g| ≤ RMS) bounds every block's: blocks within it are not read again."""
+        g, c, v = self._rows
+        smallest = self._thresholds(np.zeros(1, dtype=self.work), tolerance, rms_g)[0]  # rounded alike
+        mismatch = 0
+        with np.errstate(invalid="ignore", over="ignore"):
+            for s, top in zip(self.blocks, self.block_max):
+                if np.isfinite(top) and top <= smallest:
+                    continue
+                vb = v[s]
+                gb, cb = np.asarray(g[s], dtype=self.work), np.asarray(c[s], dtype=self.work)
+                sel_g, sel_c = (gb.ravel(), cb.ravel()) if vb.all() else (gb[vb], cb[vb])
+                ad = np.abs(np.subtract(sel_c, sel_g))
+                mismatch += ad.size - np.count_nonzero(ad <= self._thresholds(sel_g, tolerance, rms_g))  # NaN, Inf count
+        return mismatch
+
+    @staticmethod
+    def _thresholds(golden: np.ndarray, tolerance: float, rms_g: float) -> np.ndarray:
+        threshold = np.abs(golden)
+        np.maximum(threshold, rms_g, out=threshold)
+        threshold *= tolerance
+        return threshold
+
+    def metrics(self, tolerance: float, masked_mismatch: int = 0) -> StageMetrics:
+        """Every metric over the compared elements; mismatch % uses the stage's tolerance elementwise."""
+        n, sig, noise = self.n, self.golden_sq, self.diff_sq
+        first_nonfinite = None if self.first_bad is None else \
+            [int(i) for i in np.unravel_index(self.first_bad, self.shape)]
+        if n == 0:
+            return StageMetrics(0, 0, 0, 0, 0, 1, float("inf"), 0, 0, [], 0, 0, first_nonfinite, masked_mismatch)
+        rms_g = float(np.sqrt(sig / n))
+        gd = self.golden_dot_diff
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            # c = g + d: c·g = Σg² + Σg·d and |c|² = Σg² + 2Σg·d + Σd², from sums already made
+            denom = float(np.sqrt(max(sig + 2 * gd + noise, 0.0)) * np.sqrt(sig))
+            cosine = float((sig + gd) / denom) if denom > 0 else (1.0 if noise == 0 else 0.0)
+            where = np.unravel_index(self.worst_at, self.shape)
+            return StageMetrics(
+                n_compared=int(n),
+                max_abs=_finite_or_none(self.max_abs),
+                mean_abs=_finite_or_none(self.sum_abs / n),
+                max_rel=_finite_or_none(self.max_rel),
+                rmse=_finite_or_none(np.sqrt(noise / n)),
+                cosine=cosine if np.isfinite(cosine) else 0.0,
+                sqnr_db=float(10 * np.log10(sig / noise)) if noise > 0 and np.isfinite(noise) else (
+                    float("inf") if noise == 0 else float("-inf")),
+                nmse=_finite_or_none(noise / sig) if sig > 0 else (0.0 if noise == 0 else float("inf")),
+                mismatch_pct=float(100.0 * self._mismatches(tolerance, rms_g) / n),
+                worst_index=[int(i) for i in where],
+                worst_golden=float(self.golden[where]),
+                worst_candidate=float(self.candidate[where]),
+                first_nonfinite=first_nonfinite,
+                masked_mismatch=masked_mismatch,
+            )
