@@ -3,6 +3,8 @@ its stage and, where a rule exists, diagnosed; bad input is exit 2."""
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,7 +50,8 @@ EXPECTED_RULE = {
 def run(golden: Path, backend, tmp_path: Path, mode: str = "chained", tolerance: str | None = None) -> CompareResult:
     trace = tmp_path / f"{backend.name}-{backend.inject or 'clean'}-{mode}.h5"
     replay(golden, backend, trace, mode=mode, force=True)
-    with StageFile.open(golden) as g, StageFile.open(trace) as t:
+    with StageFile.open(golden) as g, StageFile.open(trace) as t, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a user would see it printed: NaN from a hypothesis is expected
         return compare(g, t, CompareOptions(Tolerances.parse(tolerance)))
 
 

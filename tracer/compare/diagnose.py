@@ -199,18 +199,21 @@ def diagnose(ev: StageEvidence, ref: Reference) -> list[Diagnosis]:
     the confirmed ones, or — when none is confirmed — the likely ones, best reproduction first."""
     found: list[Diagnosis] = []
     nonfinite = ~np.isfinite(ev.candidate) & ev.valid & np.isfinite(ev.reference)
-    if nonfinite.any():
-        found += _overflow(ev, nonfinite)
-    else:
-        for hyp in hypotheses_for(ev.stage, ref, ev.precision, ev.derived):
-            d = _test(ev, ref, hyp)
-            if d:
-                found.append(d)
-        for fit in fits_for(ev.stage, ref):
-            d = _fit(ev, ref, fit)
-            if d:
-                found.append(d)
-        found += _generic(ev, ref)
+    # A hypothesis far from the truth may make NaN or Inf (ctx re-evaluated from the scores instead of the
+    # probs multiplies their -inf; fp16 rounding underflows): its distance says so, not a warning.
+    with np.errstate(all="ignore"):
+        if nonfinite.any():
+            found += _overflow(ev, nonfinite)
+        else:
+            for hyp in hypotheses_for(ev.stage, ref, ev.precision, ev.derived):
+                d = _test(ev, ref, hyp)
+                if d:
+                    found.append(d)
+            for fit in fits_for(ev.stage, ref):
+                d = _fit(ev, ref, fit)
+                if d:
+                    found.append(d)
+            found += _generic(ev, ref)
     if any(d.verdict == "confirmed" for d in found):
         found = [d for d in found if d.verdict == "confirmed"]
     found.sort(key=lambda d: (d.rule.startswith("generic."), d.rule.startswith("precision."), d.after))
