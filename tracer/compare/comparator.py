@@ -267,8 +267,9 @@ class _CaseComparison:
                      quantized_input=self.precisions.quantized_input)
 
     def _golden_nonfinite(self, stage: str, g: np.ndarray) -> tuple[int, float | None]:
-        """NaN/Inf values of the golden in compared rows (-inf stands for masked scores); and, when every
-        element of a stage other than the scores is compared, its largest magnitude, for the metrics."""
+        """NaN/Inf values of the golden in compared rows (-inf stands for masked scores); and, for a stage
+        other than the scores whose every token row is compared, its largest magnitude, for the metrics
+        (the caller drops it where fewer elements are compared: a partial trace)."""
         is_scores = split_stage(stage)[1] == "attn.scores"
         with np.errstate(invalid="ignore"):  # two reductions without temporaries see the usual case: none at all
             if g.size == 0:
