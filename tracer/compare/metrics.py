@@ -80,6 +80,17 @@ def row_blocks(n_rows: int, row_len: int):
     return [slice(a, a + step) for a in range(0, n_rows, step)]
 
 
+def compared_difference(candidate: np.ndarray, reference: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, bool]:
+    """candidate − reference in the work precision, 0 where an element is not compared (padding, masked
+    scores, rows a --tokens golden did not keep); and whether any element is not."""
+    with np.errstate(invalid="ignore"):
+        d = np.subtract(candidate, reference, dtype=_work_dtype(candidate, reference))
+    partial = not valid.all()
+    if partial:
+        np.copyto(d, 0.0, where=~valid)
+    return d, partial
+
+
 class RowSums:
     """Per-row sums of squares of (candidate − reference) and of the reference, accumulated over
     consecutive blocks of rows ([rows, last axis] each); `error` turns them into `row_error`'s
@@ -95,11 +106,7 @@ class RowSums:
         """The next block of rows; with `same_rows`, more columns of the block added last. Returns the
         block's reference row sums: another candidate against the same reference passes them as
         `ref_sq` instead of summing them again."""
-        with np.errstate(invalid="ignore"):
-            d = np.subtract(candidate, reference, dtype=_work_dtype(candidate, reference))
-        partial = not valid.all()
-        if partial:  # padding, masked scores: only the compared elements count
-            np.copyto(d, 0.0, where=~valid)
+        d, partial = compared_difference(candidate, reference, valid)
         if ref_sq is None:
             ref_sq = _sum_sq(np.where(valid, reference, 0.0) if partial else reference, rows=True)
         self.add_sums(_sum_sq(d, rows=True), ref_sq, valid.any(-1), same_rows)
@@ -238,13 +245,9 @@ class ChainedPass:
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             for s in self.blocks:
                 vb = v[s]
-                every = bool(vb.all())
-                d = np.subtract(c[s], g[s], dtype=work)
-                if every:
-                    gz = g[s]
-                else:  # padding, masked scores, rows a --tokens golden did not keep: zero in both
-                    np.copyto(d, 0.0, where=~vb)
-                    gz = np.where(vb, g[s], 0.0)
+                d, partial = compared_difference(c[s], g[s], vb)
+                every = not partial
+                gz = np.where(vb, g[s], 0.0) if partial else g[s]  # zero where d is
                 sums.add_sums(_sum_sq(d, rows=True), _sum_sq(gz, rows=True), vb.any(-1))
                 count = d.size if every else int(np.count_nonzero(vb))
                 self.block_max.append(0.0)
